@@ -1,0 +1,8 @@
+"""himae-nnunet: Hi-End-MAE self-supervised pretraining and UNETR fine-tuning inside nnU-Net v2."""
+__version__ = "0.1.0"
+
+
+def load_checkpoint(path, device="cpu"):
+    """The pretraining model (HiEndMAE) stored in a himae-nnunet checkpoint, in eval mode."""
+    from .checkpoints import load_checkpoint as _load
+    return _load(path, device)

@@ -1,0 +1,1 @@
+"""Representation analysis: effective rank, attention maps, reconstructions."""

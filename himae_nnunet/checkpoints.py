@@ -1,0 +1,231 @@
+"""Checkpoint format, loading, and the importer of the authors' checkpoint format.
+
+A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads:
+    {"format": "himae-nnunet", "format_version": 1, "state_dict": {name: tensor}, "meta": {...}}
+`meta` holds only str/int/float/bool/list/dict/None: the full model config, crop size, spacing, intensity
+window, method, stages, mask ratio, step, data used, package version.
+"""
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models.hiend_mae import HiEndMAE
+from .models.presets import PRESETS, ConfigError, model_config
+from .models.vit import sincos_pos_embed_3d
+
+FORMAT = "himae-nnunet"
+FORMAT_VERSION = 1
+DEFAULT_SPACING = (1.5, 1.5, 1.5)
+DEFAULT_WINDOW = (-175.0, 250.0)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_torch_load(path: str | os.PathLike):
+    """torch.load with weights_only=True and one clear message for each way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it contains pickled Python objects other than tensors and plain data, "
+            f"which could run code. Only load files from sources you trust; re-save the weights as a plain "
+            f"state dict. ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the file is damaged or "
+                              f"not a checkpoint: copy it again or use another one") from None
+
+
+def package_version() -> str:
+    from . import __version__
+    return __version__
+
+
+def make_meta(config: dict, *, method: str | None = None, step: int = 0, spacing=DEFAULT_SPACING,
+              window=DEFAULT_WINDOW, data=(), source: str = "himae-nnunet pretrain") -> dict:
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    return dict(
+        preset=config.get("preset"),
+        model=config,
+        method=method or ("hiend" if config["stages"] > 0 else "mae"),
+        stages=config["stages"],
+        mask_ratio=config["mask_ratio"],
+        crop_size=list(config["crop_size"]),
+        patch_size=config["patch_size"],
+        spacing=[float(s) for s in spacing],
+        intensity_window=[float(w) for w in window],
+        step=int(step),
+        data=list(data),
+        source=source,
+        package_version=package_version(),
+    )
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict, extra: dict | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}
+    if extra:
+        payload.update(extra)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict, after checking it is ours; authors' files get a hint to import them first."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ckpt, dict) and any("encoder.blocks" in k for k in (ckpt.get("state_dict") or ckpt)):
+            hint = f" It looks like the authors' format: run `himae-nnunet import-official {path} OUT.pt` first."
+        raise CheckpointError(f"{path} is not a himae-nnunet checkpoint.{hint}")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer himae-nnunet (format {ckpt['format_version']}); "
+                              f"upgrade the package")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> HiEndMAE:
+    """The pretraining model of a checkpoint, weights loaded strictly, in eval mode."""
+    ckpt = read_checkpoint(path)
+    model = HiEndMAE(ckpt["meta"]["model"])
+    load_strict(model, ckpt["state_dict"], path)
+    model.meta = ckpt["meta"]
+    return model.to(device).eval()
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict, source) -> None:
+    """load_state_dict that lists every missing, unexpected and mis-shaped key instead of loading partly."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shaped = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shaped:
+        lines = [f"{source} does not fit the model ({type(model).__name__}); nothing was loaded."]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------- the authors' format
+
+def infer_official_config(sd: dict, num_heads: int | None = None, decoder_heads: int | None = None,
+                          mask_ratio: float = 0.75) -> dict:
+    """Model config from the shapes of an authors' state dict (prefix already stripped).
+
+    Head counts are not visible in shapes: taken from the matching preset, or given."""
+    try:
+        embed_dim = sd["encoder.cls_token"].shape[-1]
+        w = sd["encoder.patch_embed.proj.weight"]
+        decoder_dim = sd["mask_token"].shape[-1]
+        n_tokens = sd["encoder_pos_embed"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"not an authors' Hi-End-MAE checkpoint: key {e} is missing") from None
+    p, in_chans = w.shape[-1], w.shape[1]
+    depth = len({m.group(1) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
+    self_blocks = len({m.group(1) for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))})
+    stages = len({m.group(1) for k in sd if (m := re.match(r"decoder\.cross_attention_blocks\.(\d+)\.", k))})
+    side = round(n_tokens ** (1 / 3))
+    if side ** 3 != n_tokens:
+        raise CheckpointError(f"encoder_pos_embed has {n_tokens} tokens, not a cubic grid; cannot infer crop size")
+    preset = next((n for n, c in PRESETS.items() if (c["patch_size"], c["embed_dim"], c["depth"], c["decoder_dim"])
+                   == (p, embed_dim, depth, decoder_dim)), None)
+    if preset is None and (num_heads is None or decoder_heads is None):
+        raise CheckpointError(f"no preset matches patch {p}, dim {embed_dim}, depth {depth}, decoder dim "
+                              f"{decoder_dim}; give --num-heads and --decoder-heads (or --config)")
+    pos = "sincos" if torch.allclose(sd["encoder_pos_embed"][0].float(),
+                                     sincos_pos_embed_3d(embed_dim, (side,) * 3), atol=1e-4) else "learnable"
+    return model_config(preset, patch_size=p, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                        decoder_dim=decoder_dim, decoder_heads=decoder_heads, in_chans=in_chans,
+                        crop_size=(side * p,) * 3, stages=stages, decoder_blocks=self_blocks + 2 * stages,
+                        mask_ratio=mask_ratio, pos_embed=pos)
+
+
+def convert_official_state_dict(sd: dict, config: dict) -> tuple[dict, list[str]]:
+    """Rename the authors' keys to ours. Returns (our state dict, notes on keys dropped or recomputed)."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    n_proj = 1 + config["stages"]
+    out, notes = {}, []
+    for k, v in sd.items():
+        if k == "encoder_pos_embed":
+            out["encoder.pos_embed"] = v
+        elif k == "decoder_pos_embed":
+            grid = tuple(c // config["patch_size"] for c in config["crop_size"])
+            if not torch.allclose(v[0].float(), sincos_pos_embed_3d(config["decoder_dim"], grid), atol=1e-4):
+                raise CheckpointError("decoder_pos_embed is not the fixed 3D sin-cos table; this model variant "
+                                      "is not supported")
+            notes.append("decoder_pos_embed: dropped (the same fixed sin-cos table is rebuilt by the model)")
+        elif m := re.match(r"encoder_to_decoder\.(\d+)\.(.*)", k):
+            # theirs: [tap 3, tap 6, tap 9, final]; ours: [final, tap 9, tap 6, tap 3] (stage order)
+            out[f"encoder_to_decoder.{n_proj - 1 - int(m.group(1))}.{m.group(2)}"] = v
+        else:
+            out[k] = v
+    return out, notes
+
+
+def import_official(src, out, config: dict | None = None, num_heads=None, decoder_heads=None,
+                    mask_ratio: float = 0.75, overwrite: bool = False) -> tuple[dict, list[str]]:
+    """Convert an authors' checkpoint file into ours. Returns (meta, notes). Refuses partial fits."""
+    raw = safe_torch_load(src)
+    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict') of tensors")
+    stripped = {k.removeprefix("module."): v for k, v in sd.items()}
+    if config is None:
+        config = infer_official_config(stripped, num_heads, decoder_heads, mask_ratio)
+    ours, notes = convert_official_state_dict(sd, config)
+    model = HiEndMAE(config)
+    load_strict(model, ours, src)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another output path or delete it first")
+    epoch = raw.get("epoch", 0) if isinstance(raw, dict) else 0
+    meta = make_meta(model.config, step=int(epoch) if isinstance(epoch, (int, float)) else 0,
+                     source=f"import-official {Path(src).name} (sha256 {sha256(src)[:16]})",
+                     data=["authors' release (see their paper)"])
+    save_checkpoint(out, model.state_dict(), meta)
+    return meta, notes
+
+
+def official_config_from_json(cfg: dict) -> dict:
+    """Our config from the authors' config.json keys (img_size, enc_dim, enc_heads, ...)."""
+    try:
+        return model_config(None, patch_size=cfg["patch_size"], embed_dim=cfg["enc_dim"], depth=cfg["depth"],
+                            num_heads=cfg["enc_heads"], decoder_dim=cfg["dec_dim"], decoder_heads=cfg["dec_heads"],
+                            in_chans=cfg.get("in_chans", 1), crop_size=cfg["img_size"],
+                            stages=cfg.get("cross_depth", 3),
+                            decoder_blocks=cfg.get("self_depth", 2) + 2 * cfg.get("cross_depth", 3),
+                            mask_ratio=cfg.get("mask_ratio", 0.75),
+                            pos_embed={"sincos": "sincos"}.get(cfg.get("pos_embed_type", "sincos"), "learnable"))
+    except KeyError as e:
+        raise ConfigError(f"authors' config lacks {e}") from None

@@ -1,0 +1,31 @@
+"""nnU-Net's folders and dataset names, with one clear message when something is missing."""
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def require_folder(var: str) -> Path:
+    """The folder named by an nnU-Net environment variable; a clear message when unset or absent."""
+    value = os.environ.get(var)
+    if not value:
+        raise UserError(f"the nnU-Net environment variable {var} is not set; set it, e.g. "
+                        f"`export {var}=/data/{var}` (all of {', '.join(FOLDERS)} are needed)")
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"{var}={value} is not an existing folder; create it (mkdir -p {value}) or fix the variable")
+    return path
+
+
+def dataset_name(dataset: str | int) -> str:
+    """'DatasetXXX_Name' for an id or a name, searched as nnU-Net does (raw, preprocessed, results)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    for var in FOLDERS[:2]:
+        require_folder(var)
+    try:
+        return maybe_convert_to_dataset_name(str(dataset) if not str(dataset).isdigit() else int(dataset))
+    except RuntimeError as e:
+        raise UserError(f"dataset {dataset!r} was not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results "
+                        f"({str(e).splitlines()[0]}); check the id with `ls $nnUNet_raw`") from None

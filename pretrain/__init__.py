@@ -1,0 +1,1 @@
+"""Pretraining stage: data preparation, loading and the training loop (installed as himae_nnunet.pretrain)."""

@@ -1,0 +1,48 @@
+"""himae-nnunet: Hi-End-MAE self-supervised pretraining for nnU-Net v2.
+
+`pretrain/` and `trainers/` are top-level folders of the repository but install as
+`himae_nnunet.pretrain` and `himae_nnunet.trainers` (no generic top-level packages).
+"""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("himae_nnunet/__init__.py").read_text()).group(1)
+
+setup(
+    name="himae-nnunet",
+    version=version,
+    description="Hi-End-MAE pretraining (hierarchical encoder-driven MAE) and UNETR fine-tuning inside nnU-Net v2",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "himae_nnunet",
+        "himae_nnunet.models",
+        "himae_nnunet.analysis",
+        "himae_nnunet.pretrain",
+        "himae_nnunet.trainers",
+        "himae_nnunet.trainers.ext",
+    ],
+    package_dir={
+        "himae_nnunet": "himae_nnunet",
+        "himae_nnunet.pretrain": "pretrain",
+        "himae_nnunet.trainers": "trainers",
+        "himae_nnunet.trainers.ext": "trainers/ext",
+    },
+    install_requires=[
+        "torch>=2.1",
+        "nnunetv2>=2.8.1,<2.9",
+        "dynamic-network-architectures",
+        "batchgenerators",
+        "batchgeneratorsv2",
+        "SimpleITK",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    entry_points={"console_scripts": ["himae-nnunet = himae_nnunet.cli:main"]},
+)

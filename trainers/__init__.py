@@ -1,0 +1,1 @@
+"""nnU-Net trainer classes (installed as himae_nnunet.trainers)."""

@@ -1,0 +1,1 @@
+"""Folder for nnU-Net's nnUNet_extTrainer (see trainers/ext/README)."""
