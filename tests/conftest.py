@@ -1,0 +1,43 @@
+"""Shared test fixtures: the real scans of ../shared/data and throwaway nnU-Net folder trees."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+FIXTURES = SHARED / "fixtures"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def need_shared(path: Path = SHARED) -> Path:
+    """Skip (with the reason) only when ../shared is absent; CI always has it."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real scans and reference fixtures live in ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return need_shared(DATA)
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return need_shared(FIXTURES)
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path, monkeypatch) -> dict:
+    """Empty nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders, set in the environment."""
+    dirs = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        d = tmp_path / var
+        d.mkdir()
+        monkeypatch.setenv(var, str(d))
+        dirs[var] = d
+    monkeypatch.setenv("nnUNet_compile", "f")
+    return dirs
