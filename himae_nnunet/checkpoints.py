@@ -171,25 +171,31 @@ def infer_official_config(sd: dict, num_heads: int | None = None, decoder_heads:
                         mask_ratio=mask_ratio, pos_embed=pos)
 
 
+def official_key_to_ours(key: str, stages: int) -> str | None:
+    """Our name for one key of the authors' state dict; None for keys we rebuild instead of loading."""
+    key = key.removeprefix("module.")
+    if key == "encoder_pos_embed":
+        return "encoder.pos_embed"
+    if key == "decoder_pos_embed":
+        return None
+    if m := re.match(r"encoder_to_decoder\.(\d+)\.(.*)", key):
+        # theirs: [tap 3, tap 6, tap 9, final]; ours: [final, tap 9, tap 6, tap 3] (stage order)
+        return f"encoder_to_decoder.{stages - int(m.group(1))}.{m.group(2)}"
+    return key
+
+
 def convert_official_state_dict(sd: dict, config: dict) -> tuple[dict, list[str]]:
     """Rename the authors' keys to ours. Returns (our state dict, notes on keys dropped or recomputed)."""
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    n_proj = 1 + config["stages"]
     out, notes = {}, []
     for k, v in sd.items():
-        if k == "encoder_pos_embed":
-            out["encoder.pos_embed"] = v
-        elif k == "decoder_pos_embed":
-            grid = tuple(c // config["patch_size"] for c in config["crop_size"])
-            if not torch.allclose(v[0].float(), sincos_pos_embed_3d(config["decoder_dim"], grid), atol=1e-4):
-                raise CheckpointError("decoder_pos_embed is not the fixed 3D sin-cos table; this model variant "
-                                      "is not supported")
-            notes.append("decoder_pos_embed: dropped (the same fixed sin-cos table is rebuilt by the model)")
-        elif m := re.match(r"encoder_to_decoder\.(\d+)\.(.*)", k):
-            # theirs: [tap 3, tap 6, tap 9, final]; ours: [final, tap 9, tap 6, tap 3] (stage order)
-            out[f"encoder_to_decoder.{n_proj - 1 - int(m.group(1))}.{m.group(2)}"] = v
-        else:
-            out[k] = v
+        new = official_key_to_ours(k, config["stages"])
+        if new is not None:
+            out[new] = v
+            continue
+        grid = tuple(c // config["patch_size"] for c in config["crop_size"])
+        if not torch.allclose(v[0].float(), sincos_pos_embed_3d(config["decoder_dim"], grid), atol=1e-4):
+            raise CheckpointError(f"{k} is not the fixed 3D sin-cos table; this model variant is not supported")
+        notes.append(f"{k}: dropped (checked equal to the fixed sin-cos table the model rebuilds)")
     return out, notes
 
 

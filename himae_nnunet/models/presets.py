@@ -76,5 +76,9 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"taps {cfg['taps']} must be encoder blocks below the last one (depth {cfg['depth']})")
     if not 0.0 <= cfg["mask_ratio"] < 1.0:
         raise ConfigError(f"mask_ratio={cfg['mask_ratio']} must be in [0, 1)")
+    n_tokens = (cfg["crop_size"][0] // p) * (cfg["crop_size"][1] // p) * (cfg["crop_size"][2] // p)
+    if int(n_tokens * (1 - cfg["mask_ratio"])) < 1:
+        raise ConfigError(f"mask_ratio={cfg['mask_ratio']} leaves no visible token of the {n_tokens} in a "
+                          f"{list(cfg['crop_size'])} crop; use a larger crop or a smaller mask ratio")
     if cfg.get("pos_embed", "sincos") not in ("sincos", "learnable"):
         raise ConfigError(f"pos_embed={cfg['pos_embed']!r} must be 'sincos' or 'learnable'")

@@ -3,11 +3,15 @@
 Token order follows the authors' code: patches ordered (gh, gw, gd), h-major; values inside a patch
 ordered (ph, pw, pd, c). Blocks are timm's pre-norm ViT blocks (LayerNorm eps 1e-6, qkv bias, GELU).
 """
+import warnings
 from functools import partial
 
 import torch
 from torch import nn
-from timm.models.vision_transformer import Block
+
+# timm's import of hrnet triggers torch's torch.jit.interface deprecation notice: noise for our users
+warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)
+from timm.models.vision_transformer import Block  # noqa: E402
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -70,7 +74,7 @@ class PatchEmbed3D(nn.Module):
         B, n, _ = patches.shape
         p, C = self.patch_size, self.proj.in_channels
         cubes = patches.reshape(B * n, p, p, p, C).permute(0, 4, 1, 2, 3)  # B*n, C, p, p, p
-        return self.proj(cubes).reshape(B, n, -1)  # conv on one patch each: the same sums as the full conv
+        return self.proj(cubes).reshape(B, n, self.proj.out_channels)  # conv on one patch each: the same sums as the full conv
 
 
 def _gather(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
