@@ -13,6 +13,9 @@ from .errors import UserError
 # modules with a register(subparsers) function, in the order of the workflow
 COMMAND_MODULES = [
     "himae_nnunet.cli_models",  # flops, import-official, presets
+    "himae_nnunet.pretrain.cli",  # prepare-pretrain, import-scans, pretrain
+    "himae_nnunet.cli_finetune",  # plan, split, ext-trainer-path, export-pretrained, train, predict
+    "himae_nnunet.analysis.cli",  # analyze rank|attention|reconstruct
 ]
 
 

@@ -22,9 +22,14 @@ def find_scans(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give the folder that holds the scans")
     scans = sorted(p for p in folder.rglob("*") if is_image_file(p))
-    for d in sorted({folder, *[p for p in folder.rglob("*") if p.is_dir()]}):
-        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)):
-            scans.append(d)
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns for every folder without DICOM files
+    try:
+        for d in sorted({folder, *[p for p in folder.rglob("*") if p.is_dir()]}):
+            if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)):
+                scans.append(d)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     if not scans:
         raise UserError(f"no scans found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM series)")
     return scans
@@ -48,11 +53,43 @@ def read_scan(path: str | Path):
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                check_nifti_complete(path)  # ITK zero-fills truncated NIfTI data without an error
     except RuntimeError as e:
         raise UserError(f"cannot read {path}: the file is unreadable or truncated "
                         f"({str(e).strip().splitlines()[-1][:200]}); replace it or leave it out") from None
     check_image(image, path)
     return image
+
+
+def check_nifti_complete(path: Path) -> None:
+    """RuntimeError when a .nii/.nii.gz holds fewer data bytes than its header announces."""
+    import gzip
+    import struct
+    import zlib
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            n = len(head)
+            while chunk := f.read(1 << 22):
+                n += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        raise RuntimeError(f"truncated or damaged compressed data ({e})") from None
+    for end in "<>":
+        if len(head) >= 348 and struct.unpack(end + "i", head[:4])[0] == 348:  # NIfTI-1
+            dims, bitpix = struct.unpack(end + "8h", head[40:56]), struct.unpack(end + "h", head[72:74])[0]
+            offset = int(struct.unpack(end + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(end + "i", head[:4])[0] == 540:  # NIfTI-2
+            dims, bitpix = struct.unpack(end + "8q", head[16:80]), struct.unpack(end + "h", head[14:16])[0]
+            offset = struct.unpack(end + "q", head[168:176])[0]
+            break
+    else:
+        return
+    expected = offset + int(np.prod([max(1, d) for d in dims[1:1 + max(1, dims[0])]])) * bitpix // 8
+    if n < expected:
+        raise RuntimeError(f"data ends after {n} of {expected} bytes")
 
 
 def check_image(image, path) -> None:

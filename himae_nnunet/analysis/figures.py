@@ -41,3 +41,16 @@ def grid_to_voxels(tokens: np.ndarray, grid, patch: int) -> np.ndarray:
     """Per-token values [N] (h-major token order) -> a voxel volume, each patch filled with its token's value."""
     g = tokens.reshape(grid)
     return g.repeat(patch, 0).repeat(patch, 1).repeat(patch, 2)
+
+
+def overlay(ax, heat: np.ndarray, name: str, spacing, max_alpha: float = 0.6) -> None:
+    """Heat map stretched from its own min to its max, coloured (inferno) and as opaque as it is hot, over
+    what `ax` shows; its max is written in the corner."""
+    from matplotlib import colormaps
+    lo, hi = float(heat.min()), float(heat.max())
+    h = (heat - lo) / max(hi - lo, 1e-12)
+    rgba = colormaps["inferno"](h)
+    rgba[..., 3] = max_alpha * h
+    show(ax, rgba, name, spacing)
+    ax.text(0.02, 0.02, f"max {hi:.3g}", transform=ax.transAxes, fontsize=6, color="w",
+            bbox=dict(facecolor="k", alpha=0.5, pad=1, lw=0))

@@ -1,8 +1,10 @@
 """Scans in model space for the analyses: loading (an image file or an nnU-Net preprocessed dataset),
 query voxels, and crops.
 
-Model space = the checkpoint's spacing and intensity window: float32 (z, y, x) in [0, 1], the array order
-the model sees (nnU-Net's order for preprocessed data). Crops smaller volumes are zero-padded (0 = air).
+Model space = the checkpoint's spacing and intensity window: float32 (z, y, x) in [0, 1]. Scans given as
+files are first reoriented to LPS, so that figures are in radiological orientation whatever the header says
+(pretraining flips every axis at random, so orientation does not matter to the model); preprocessed nnU-Net
+data are used as stored. Crops of smaller volumes are zero-padded (0 = air).
 """
 import json
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ def load_image_volume(path, spacing, window, label_map=None) -> Volume:
     """A scan resampled to `spacing` and windowed; `label_map` (optional) is resampled onto the same grid
     by physical position (nearest neighbour), so label maps flipped relative to the image still align."""
     import SimpleITK as sitk
-    image = read_scan(path)
+    image = sitk.DICOMOrient(read_scan(path), "LPS")
     array = to_model_input(image, spacing, window)
     reference = sitk.GetImageFromArray(np.zeros(array.shape, np.uint8))
     reference.SetSpacing([float(s) for s in spacing[::-1]])
@@ -136,6 +138,12 @@ def crop_around(array: np.ndarray, centre, size) -> tuple[np.ndarray, tuple[int,
     dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, starts))
     out[dst] = array[src]
     return out, tuple(starts)
+
+
+def inside_mask(shape, start, size) -> np.ndarray:
+    """Boolean crop of `size` at `start`: True on voxels of the volume of `shape`, False on padding."""
+    z, y, x = [(np.arange(n) + a >= 0) & (np.arange(n) + a < s) for n, a, s in zip(size, start, shape)]
+    return z[:, None, None] & y[None, :, None] & x[None, None, :]
 
 
 def sample_crops(volumes: list[Volume], n: int, size, seed: int) -> np.ndarray:

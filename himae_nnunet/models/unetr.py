@@ -114,6 +114,8 @@ class UNETR(nn.Module):
         self.keep_cls_token = keep_cls_token
         self.encoder = ViTEncoder3D(p, dim, cfg["depth"], cfg["num_heads"], self.grid, input_channels,
                                     cfg["mlp_ratio"], pos_embed)
+        if not keep_cls_token:  # unused without the cls token: no such parameter (DDP rejects unused ones)
+            self.encoder.cls_token = None
         self.decoder = UNETRDecoder(dim, input_channels, feature_size, upsampling_factors(p), num_classes)
 
     def tokens_to_map(self, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Fine-tuning commands: `plan`, `split`, `ext-trainer-path`, `export-pretrained`, `train`, `predict`."""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .planning import CONFIGURATION, DEFAULT_PLANS_NAME
+
+DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
+
+
+def ext_trainer_path() -> str:
+    import himae_nnunet.trainers.ext as ext
+    return str(Path(ext.__file__).resolve().parent)
+
+
+def ext_trainer_hint() -> str | None:
+    """None when nnUNet_extTrainer names our folder; else the exact export line to run."""
+    ours = ext_trainer_path()
+    if ours in [str(Path(p).resolve()) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]:
+        return None
+    state = "is not set" if not os.environ.get("nnUNet_extTrainer") else "does not name our trainer folder"
+    return (f"nnUNet_extTrainer {state}, so stock nnUNetv2_train / nnUNetv2_predict will not find "
+            f"{DEFAULT_TRAINER}. Run:\n  export nnUNet_extTrainer={ours}"
+            + (f"{os.pathsep}$nnUNet_extTrainer" if os.environ.get("nnUNet_extTrainer") else "")
+            + "\n(or use `himae-nnunet train` / `himae-nnunet predict`, which set it)")
+
+
+def with_ext_trainer_env() -> None:
+    ours = ext_trainer_path()
+    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if ours not in current:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([ours, *current])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="write ViT plans (spacing, window, patch, UNETR) for a dataset and checkpoint")
+    p.add_argument("dataset", help="dataset id or name (DatasetXXX_Name)")
+    p.add_argument("--checkpoint", required=True, help="pretrained checkpoint (ours or the authors' format)")
+    p.add_argument("--plans-name", default=DEFAULT_PLANS_NAME, help=f"plans to write (default {DEFAULT_PLANS_NAME})")
+    p.add_argument("--base-plans", default="nnUNetPlans", help="the dataset's nnU-Net plans to derive from")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="patch size in the plans' axis order, multiples of the ViT patch (default: the "
+                        "pretraining crop, grown along axes the data fill, within --max-tokens)")
+    p.add_argument("--max-tokens", type=int, help="token budget of the default patch (default 2x the crop's)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--feature-size", type=int, default=32, help="UNETR decoder width (default 32)")
+    p.add_argument("--drop-cls-token", action="store_true", help="fine-tune without the cls token (authors' UNETR)")
+    p.add_argument("--fixed-pos-embed", action="store_true",
+                   help="keep a fixed sin-cos position table (default: learnable, initialised from the checkpoint)")
+    p.add_argument("--spacing", type=float, nargs=3, help="override the pretraining spacing (warns)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the CT window (warns)")
+    p.add_argument("--strict", action="store_true", help="refuse spacing or window that differ from pretraining")
+    p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
+    p.add_argument("--preprocess", action="store_true", help="run nnU-Net preprocessing for the new plans")
+    p.add_argument("-np", type=int, default=2, help="processes for fingerprinting/preprocessing (default 2)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("split", help="add few-shot folds (one-shot, N %%, explicit cases) to splits_final.json")
+    p.add_argument("dataset")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--shots", type=int, help="training cases per fold (1 = one-shot)")
+    g.add_argument("--percent", type=float, help="percent of the pool's cases (at least one)")
+    g.add_argument("--cases", nargs="+", help="explicit training case identifiers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="folds with different draws (seeds S, S+1, ...)")
+    p.add_argument("--from-fold", type=int, help="draw from this fold's training cases, validate on its val cases")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("ext-trainer-path", help="print the folder to put in nnUNet_extTrainer")
+    p.add_argument("--export", action="store_true", help="print a shell `export` line instead")
+    p.set_defaults(func=cmd_ext_trainer_path)
+
+    p = sub.add_parser("export-pretrained",
+                       help="write a full-network file for stock `nnUNetv2_train -pretrained_weights`")
+    p.add_argument("--plans", required=True, help="ViT plans JSON (nnUNet_preprocessed/DatasetXXX/NAME.json)")
+    p.add_argument("--checkpoint", help="pretrained checkpoint (default: the one the plans name)")
+    p.add_argument("-c", "--configuration", default=CONFIGURATION)
+    p.add_argument("-o", "--output", required=True, help="file to write (.pth)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    for name, target in (("train", "nnUNetv2_train"), ("predict", "nnUNetv2_predict")):
+        p = sub.add_parser(name, help=f"{target} with nnUNet_extTrainer set (defaults -tr {DEFAULT_TRAINER} "
+                                      f"-p {DEFAULT_PLANS_NAME}); other arguments pass through",
+                           prefix_chars="+")  # keep every '-' option for nnU-Net
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments of {target}")
+        p.set_defaults(func=cmd_train if name == "train" else cmd_predict)
+
+
+def cmd_plan(args) -> None:
+    from .planning import plan
+    out = plan(args.dataset, args.checkpoint, args.plans_name, args.base_plans, args.overwrite, args.preprocess,
+               args.np, patch_size=args.patch_size, batch_size=args.batch_size, feature_size=args.feature_size,
+               keep_cls_token=not args.drop_cls_token, learnable_pos_embed=not args.fixed_pos_embed,
+               spacing=args.spacing, window=args.window, strict=args.strict, max_tokens=args.max_tokens)
+    plans = json.loads(out.read_text())
+    cfg = plans["configurations"][CONFIGURATION]
+    a = cfg["architecture"]["arch_kwargs"]
+    ds = plans["dataset_name"]
+    print(f"wrote {out}")
+    print(f"  spacing {cfg['spacing']}, patch {cfg['patch_size']}, batch {cfg['batch_size']}, CT window "
+          f"{plans['himae']['intensity_window']} -> [0, 1], data folder {cfg['data_identifier']}")
+    print(f"  network UNETR, encoder {a['preset'] or 'custom'} (patch {a['patch_size']}, dim {a['embed_dim']}, "
+          f"depth {a['depth']}), cls token {'kept' if a['keep_cls_token'] else 'dropped'}")
+    print(f"  checkpoint {plans['himae']['checkpoint']} (sha256 {plans['himae']['checkpoint_sha256'][:16]}...)")
+    print("next:")
+    if not args.preprocess:
+        print(f"  nnUNetv2_preprocess -d {ds[7:10]} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
+    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {DEFAULT_TRAINER} -p {plans['plans_name']}")
+    hint = ext_trainer_hint()
+    if hint:
+        print("NOTE: " + hint)
+
+
+def cmd_split(args) -> None:
+    from .nnunet_env import dataset_name
+    from .splits import add_folds, splits_file
+    name = dataset_name(args.dataset)
+    folds, note = add_folds(name, shots=args.shots, percent=args.percent, cases=args.cases, seed=args.seed,
+                            repeats=args.repeats, from_fold=args.from_fold)
+    if note:
+        print(note)
+    for index, fold, new in folds:
+        shown = ", ".join(fold["train"][:5]) + (" ..." if len(fold["train"]) > 5 else "")
+        print(f"fold {index}{'' if new else ' (already present)'}: train {len(fold['train'])} [{shown}], "
+              f"val {len(fold['val'])}")
+    print(f"folds {' '.join(str(i) for i, _, _ in folds)} in {splits_file(name)}; train one with "
+          f"`nnUNetv2_train {name[7:10]} {CONFIGURATION} {folds[0][0]} -tr {DEFAULT_TRAINER} -p {DEFAULT_PLANS_NAME}`")
+
+
+def cmd_ext_trainer_path(args) -> None:
+    print(f"export nnUNet_extTrainer={ext_trainer_path()}" if args.export else ext_trainer_path())
+
+
+def cmd_export(args) -> None:
+    from .weights import export_full_network
+    plans_file = Path(args.plans)
+    if not plans_file.is_file():
+        raise UserError(f"--plans {plans_file} does not exist; give the JSON written by `himae-nnunet plan`")
+    plans = json.loads(plans_file.read_text())
+    from .planning import is_vit_plans
+    if not is_vit_plans(plans, args.configuration):
+        raise UserError(f"{plans_file} are not ViT plans written by `himae-nnunet plan`")
+    dataset_json = plans_file.parent / "dataset.json"
+    if not dataset_json.is_file():
+        raise UserError(f"{dataset_json} is missing (nnU-Net writes it when planning); run nnU-Net planning first")
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite or choose another -o")
+    ckpt = args.checkpoint or plans["himae"]["checkpoint"]
+    export_full_network(plans, json.loads(dataset_json.read_text()), ckpt, out, args.configuration)
+    print(f"wrote {out}; use it with the from-scratch trainer and stock nnU-Net:\n  nnUNetv2_train "
+          f"{plans['dataset_name'][7:10]} {args.configuration} FOLD -tr nnUNetTrainerUNETR -p {plans['plans_name']} "
+          f"-pretrained_weights {out}")
+
+
+def passthrough(argv: list[str], defaults: dict) -> list[str]:
+    argv = list(argv)
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
+    return argv
+
+
+def check_train_args(argv: list[str]) -> None:
+    """Clear messages for missing or non-ViT plans before nnU-Net starts."""
+    pos = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or not argv[i - 1].startswith("-"))]
+    if len(pos) < 3:
+        return  # let nnU-Net print its usage
+    from .nnunet_env import dataset_name
+    from .planning import is_vit_plans, load_plans
+    plans = load_plans(dataset_name(pos[0]), argv[argv.index("-p") + 1])
+    if argv[argv.index("-tr") + 1].startswith(("nnUNetTrainerHiEndMAE", "nnUNetTrainerUNETR")) \
+            and not is_vit_plans(plans, pos[1]):
+        raise UserError(f"plans {plans['plans_name']!r} ({pos[1]}) are not ViT plans; run `himae-nnunet plan` "
+                        f"and pass its --plans-name with -p")
+
+
+def run_entry(entry, prog: str, argv: list[str]) -> int:
+    with_ext_trainer_env()
+    old = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        entry()
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        sys.argv = old
+    return 0
+
+
+def cmd_train(args) -> int:
+    argv = passthrough(args.args, {"-tr": DEFAULT_TRAINER, "-p": DEFAULT_PLANS_NAME})
+    check_train_args(argv)
+    from nnunetv2.run.run_training import run_training_entry
+    return run_entry(run_training_entry, "nnUNetv2_train", argv)
+
+
+def cmd_predict(args) -> int:
+    argv = passthrough(args.args, {"-tr": DEFAULT_TRAINER, "-p": DEFAULT_PLANS_NAME, "-c": CONFIGURATION})
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    return run_entry(predict_entry_point, "nnUNetv2_predict", argv)

@@ -1,0 +1,223 @@
+"""ViT plans for nnU-Net: derived from a dataset's own plans and a pretrained checkpoint.
+
+What changes against the base `3d_fullres` configuration: spacing and CT window from the checkpoint's meta
+(the window through CTNormalization: clip to [lo, hi], subtract lo, divide by hi - lo gives [0, 1]), a patch
+size that is a multiple of the ViT patch, the architecture (our UNETR with the checkpoint's encoder), a data
+identifier of its own, and a top-level `himae` block naming the checkpoint (path, sha256) and the
+fine-tuning options the trainers read. The base plans and their data are never written.
+"""
+import json
+import math
+from copy import deepcopy
+from pathlib import Path
+
+from .errors import UserError
+from .nnunet_env import dataset_name, require_folder
+
+DEFAULT_PLANS_NAME = "HiEndMAEPlans"
+BASE_PLANS_NAME = "nnUNetPlans"
+CONFIGURATION = "3d_fullres"
+UNETR_CLASS = "himae_nnunet.models.unetr.UNETR"
+ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "taps", "decoder_dim",
+                  "decoder_heads")
+# read by the trainers (trainers/finetune.py); users may edit them in the plans file
+FINETUNE_DEFAULTS = dict(
+    initial_lr=1e-4,  # paper: AdamW 1e-4
+    weight_decay=1e-5,  # paper: 1e-5; not applied to biases, norms, cls token, position embedding
+    betas=[0.9, 0.999],
+    warmup_epochs=50,  # linear warmup, capped at a tenth of the run
+    schedule="cosine",  # after warmup: "cosine" or "poly" (nnU-Net's exponent 0.9)
+    layer_decay=1.0,  # layer-wise LR decay of the encoder (1.0 = off; e.g. 0.75)
+    freeze_encoder_epochs=0,  # encoder LR held at 0 for this many first epochs (head warmup)
+    grad_clip=1.0,  # gradient-norm clip (nnU-Net's CNN default is 12; Primus uses 1)
+)
+
+
+def plans_path(dataset: str, plans_name: str) -> Path:
+    return require_folder("nnUNet_preprocessed") / dataset / f"{plans_name}.json"
+
+
+def load_plans(dataset: str, plans_name: str) -> dict:
+    path = plans_path(dataset, plans_name)
+    if not path.is_file():
+        raise UserError(f"plans {path} do not exist; run `himae-nnunet plan {dataset} --checkpoint CKPT "
+                        f"--plans-name {plans_name}` first")
+    return json.loads(path.read_text())
+
+
+def is_vit_plans(plans: dict, configuration: str = CONFIGURATION) -> bool:
+    cfg = plans.get("configurations", {}).get(configuration, {})
+    return cfg.get("architecture", {}).get("network_class_name") == UNETR_CLASS and "himae" in plans
+
+
+def ensure_base_plans(dataset: str, base_plans: str = BASE_PLANS_NAME, num_processes: int = 2) -> dict:
+    """The dataset's nnU-Net plans; runs stock fingerprinting and planning when they are missing."""
+    path = plans_path(dataset, base_plans)
+    if not path.is_file():
+        if base_plans != BASE_PLANS_NAME:
+            raise UserError(f"base plans {path} do not exist; plan the dataset with nnU-Net first or omit "
+                            f"--base-plans")
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+        dataset_id = int(dataset[len("Dataset"):len("Dataset") + 3])
+        print(f"{path} is missing: running nnU-Net's fingerprint extraction and planning for {dataset}")
+        fingerprint = path.parent / "dataset_fingerprint.json"
+        extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True,
+                             clean=not fingerprint.is_file())
+        plan_experiments([dataset_id])
+    return json.loads(path.read_text())
+
+
+def differs(a, b, tol: float = 1e-3) -> bool:
+    return len(a) != len(b) or any(abs(float(x) - float(y)) > tol for x, y in zip(a, b))
+
+
+def check_against_pretraining(what: str, used, pretrained, strict: bool, warn=print) -> None:
+    """Warn (or refuse, when strict) if `used` (spacing or window) is not what the encoder was pretrained on."""
+    if differs(used, pretrained):
+        msg = (f"{what} {[float(v) for v in used]} differs from the pretraining {what} "
+               f"{[float(v) for v in pretrained]}: the encoder sees other voxel sizes or intensities than it "
+               f"learned from")
+        if strict:
+            raise UserError(msg + "; refused (strict). Use the pretraining value or drop --strict")
+        warn("WARNING: " + msg)
+
+
+def default_patch_size(crop, median_shape, p: int, max_tokens: int) -> list[int]:
+    """The pretraining crop, grown by whole ViT patches along axes the median image fills, within max_tokens."""
+    patch = [int(c) for c in crop]
+    while True:
+        room = [(m / s, i) for i, (s, m) in enumerate(zip(patch, median_shape)) if m >= s + p]
+        if not room:
+            return patch
+        _, axis = max(room)
+        grown = patch.copy()
+        grown[axis] += p
+        if math.prod(g // p for g in grown) > max_tokens:
+            return patch
+        patch = grown
+
+
+def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_name: str = DEFAULT_PLANS_NAME,
+                     patch_size=None, batch_size: int = 2, feature_size: int = 32, keep_cls_token: bool = True,
+                     learnable_pos_embed: bool = True, spacing=None, window=None, strict: bool = False,
+                     max_tokens: int | None = None, warn=print) -> dict:
+    """ViT plans (a new dict) from the dataset's base plans and a checkpoint's meta."""
+    if CONFIGURATION not in base.get("configurations", {}):
+        raise UserError(f"the base plans have no {CONFIGURATION} configuration: ViT plans need 3D images")
+    model = meta["model"]
+    p = int(model["patch_size"])
+    transpose = base["transpose_forward"]
+    pre_spacing = [float(s) for s in meta["spacing"]]
+    pre_window = [float(w) for w in meta["intensity_window"]]
+    spacing = [float(s) for s in spacing] if spacing is not None else [pre_spacing[i] for i in transpose]
+    window = [float(w) for w in window] if window is not None else pre_window
+    check_against_pretraining("spacing", spacing, [pre_spacing[i] for i in transpose], strict, warn)
+    check_against_pretraining("intensity window", window, pre_window, strict, warn)
+    if window[1] <= window[0]:
+        raise UserError(f"intensity window {window} must be [low, high] with low < high")
+
+    plans = deepcopy(base)
+    plans["plans_name"] = plans_name
+    cfg = deepcopy(base["configurations"][CONFIGURATION])
+    for key in ("previous_stage", "next_stage", "inherits_from"):
+        cfg.pop(key, None)
+    median = [m * s / n for m, s, n in zip(cfg["median_image_size_in_voxels"], cfg["spacing"], spacing)]
+    crop = [int(c) for c in meta.get("crop_size", model["crop_size"])]
+    if patch_size is None:
+        budget = max_tokens or 2 * math.prod(c // p for c in crop)
+        patch_size = default_patch_size(crop, median, p, budget)
+    patch_size = [int(s) for s in patch_size]
+    if len(patch_size) != 3 or any(s <= 0 or s % p for s in patch_size):
+        raise UserError(f"patch size {patch_size} is not a multiple of the ViT patch size {p} on every axis; "
+                        f"use e.g. {[max(p, round(s / p) * p) for s in patch_size]}")
+    if patch_size != crop:
+        warn(f"note: patch size {patch_size} differs from the pretraining crop {crop}; the position embedding "
+             f"is resized to the new token grid when the weights are loaded")
+    cfg.update(
+        data_identifier=f"{plans_name}_{CONFIGURATION}",
+        spacing=spacing,
+        patch_size=patch_size,
+        median_image_size_in_voxels=[round(m, 1) for m in median],
+        batch_size=int(batch_size),
+        architecture=dict(
+            network_class_name=UNETR_CLASS,
+            arch_kwargs=dict(preset=model.get("preset"), patch_size_voxels=patch_size, feature_size=feature_size,
+                             keep_cls_token=keep_cls_token, pos_embed="learnable" if learnable_pos_embed else "sincos",
+                             **{k: (list(model[k]) if isinstance(model[k], (list, tuple)) else model[k])
+                                for k in ENCODER_FIELDS}),
+            _kw_requires_import=[]),
+    )
+    plans["configurations"] = {CONFIGURATION: cfg}
+    ct_channels = [c for c, scheme in enumerate(cfg["normalization_schemes"]) if scheme == "CTNormalization"]
+    if not ct_channels:
+        warn(f"WARNING: no channel uses CTNormalization ({cfg['normalization_schemes']}); the encoder was "
+             f"pretrained on CT scaled from the window {pre_window} and will see other intensities")
+    props = plans["foreground_intensity_properties_per_channel"]
+    for c in ct_channels:  # CTNormalization: clip(x, p00_5, p99_5), then (x - mean) / std -> [0, 1]
+        props[str(c)].update(percentile_00_5=window[0], percentile_99_5=window[1], mean=window[0],
+                             std=window[1] - window[0])
+    plans["himae"] = dict(
+        format_version=1,
+        configuration=CONFIGURATION,
+        checkpoint=str(Path(ckpt_path).resolve()),
+        checkpoint_sha256=sha,
+        pretrain={k: meta.get(k) for k in ("preset", "method", "stages", "step", "crop_size", "spacing",
+                                           "intensity_window", "source")},
+        intensity_window=window,
+        ct_channels=ct_channels,
+        strict=bool(strict),
+        finetune=dict(FINETUNE_DEFAULTS),
+    )
+    return plans
+
+
+def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
+    """Write `plans` as <plans_name>.json; refuses to replace non-himae plans or reuse another's data folder."""
+    folder = require_folder("nnUNet_preprocessed") / dataset
+    name = plans["plans_name"]
+    out = folder / f"{name}.json"
+    ident = plans["configurations"][CONFIGURATION]["data_identifier"]
+    for other in folder.glob("*.json"):
+        if other == out:
+            continue
+        try:
+            cfgs = json.loads(other.read_text()).get("configurations", {})
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(cfgs, dict) and any(isinstance(c, dict) and c.get("data_identifier") == ident
+                                          for c in cfgs.values()):
+            raise UserError(f"{other.name} already uses the data folder {ident}; choose another --plans-name")
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if "himae" not in old:
+            raise UserError(f"{out} exists and was not written by himae-nnunet; choose another --plans-name "
+                            f"(the dataset's own plans are never overwritten)")
+        if old == json.loads(json.dumps(plans)):
+            return out
+        if not overwrite:
+            raise UserError(f"{out} exists with other settings; pass --overwrite to replace it (then re-run "
+                            f"preprocessing), or choose another --plans-name")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(plans, indent=4))
+    tmp.replace(out)
+    return out
+
+
+def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_plans: str = BASE_PLANS_NAME,
+         overwrite: bool = False, preprocess: bool = False, num_processes: int = 2, warn=print, **options) -> Path:
+    """The whole `himae-nnunet plan` command; returns the plans file written."""
+    from .checkpoints import sha256
+    from .weights import read_pretrained
+    name = dataset_name(dataset)
+    if plans_name == base_plans or plans_name == BASE_PLANS_NAME:
+        raise UserError(f"--plans-name {plans_name} would replace nnU-Net's own plans; choose another name")
+    if not plans_name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"--plans-name {plans_name!r}: use letters, digits, '_' and '-' only")
+    _, meta = read_pretrained(checkpoint)
+    base = ensure_base_plans(name, base_plans, num_processes)
+    plans = derive_vit_plans(base, checkpoint, meta, sha256(checkpoint), plans_name, warn=warn, **options)
+    out = write_plans(name, plans, overwrite)
+    if preprocess:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nn_preprocess
+        nn_preprocess([int(name[7:10])], plans_name, [CONFIGURATION], [num_processes])
+    return out

@@ -1,0 +1,161 @@
+"""Pretrained ViT weights into the UNETR of a fine-tuning run, with a report of every key.
+
+Accepted files: our checkpoints (`himae-nnunet pretrain`, `import-official`) and, converted in memory, the
+authors' released format. Only `encoder.*` is transferred. The position table is resized (trilinear) when the
+token grid differs from pretraining; the patch-embedding conv is adapted when the data have another channel
+count. The file's decoder, mask token and projections are listed as skipped; the UNETR decoder starts at random.
+"""
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (FORMAT, FORMAT_VERSION, CheckpointError, convert_official_state_dict,
+                          infer_official_config, make_meta, official_config_from_json, read_checkpoint, safe_torch_load, sha256)
+from .models.vit import resize_pos_embed
+
+SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def read_pretrained(path) -> tuple[dict, dict]:
+    """(state dict, meta) of our checkpoint, or of an authors' one converted on the fly."""
+    raw = safe_torch_load(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            read_checkpoint(path)  # raises its "written by a newer himae-nnunet" message
+        return raw["state_dict"], raw["meta"]
+    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
+    if isinstance(sd, dict) and any(k.removeprefix("module.") == "encoder_pos_embed" for k in sd):
+        stripped = {k.removeprefix("module."): v for k, v in sd.items()}
+        beside = Path(path).with_name("config.json")  # the authors ship one; head counts are not in the shapes
+        config = (official_config_from_json(json.loads(beside.read_text())) if beside.is_file()
+                  else infer_official_config(stripped))
+        ours, _ = convert_official_state_dict(sd, config)
+        return ours, make_meta(config, source=f"authors' checkpoint {Path(path).name}")
+    raise CheckpointError(f"{path} is neither a himae-nnunet checkpoint nor an authors' Hi-End-MAE checkpoint "
+                          f"(no 'format' field, no 'encoder_pos_embed' key)")
+
+
+def describe(cfg: dict) -> str:
+    name = cfg.get("preset") or "custom"
+    return (f"{name} (patch {cfg['patch_size']}, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
+            f"heads {cfg['num_heads']})")
+
+
+def check_same_encoder(ckpt_cfg: dict, net_cfg: dict, source) -> None:
+    """Refuse a checkpoint whose encoder is another preset/shape than the one the plans build."""
+    diff = [f"{k} {ckpt_cfg[k]} vs {net_cfg[k]}" for k in SHAPE_FIELDS if int(ckpt_cfg[k]) != int(net_cfg[k])]
+    if diff:
+        raise CheckpointError(f"{source} holds a {describe(ckpt_cfg)} encoder but the plans build "
+                              f"{describe(net_cfg)} ({'; '.join(diff)}); re-run `himae-nnunet plan` with this "
+                              f"checkpoint, or give the checkpoint the plans were made for")
+
+
+def adapt_input_channels(w: torch.Tensor, channels: int) -> torch.Tensor:
+    """Patch-embedding conv [D, C_old, p, p, p] -> [D, channels, ...]: channel mean / channels, repeated, so a
+    scan repeated over every channel gives the pretrained response."""
+    return (w.sum(1, keepdim=True) / channels).repeat(1, channels, 1, 1, 1)
+
+
+def load_encoder(network, state_dict: dict, meta: dict) -> dict:
+    """Copy the encoder of `state_dict` into `network` (a UNETR). Returns the report (lists of key notes)."""
+    own = network.state_dict()
+    p = int(meta["model"]["patch_size"])
+    old_grid = tuple(int(c) // p for c in meta.get("crop_size", meta["model"]["crop_size"]))
+    fixed_pos = getattr(network.encoder, "pos_embed_type", "sincos") == "sincos"
+    report = dict(loaded=[], resized=[], adapted=[], skipped=[], random=[])
+    new = {}
+    for k, v in state_dict.items():
+        if not k.startswith("encoder."):
+            report["skipped"].append(k)
+        elif k not in own:
+            report["skipped"].append(k + " (the network has none: cls token dropped)")
+        elif k == "encoder.pos_embed" and fixed_pos:
+            report["skipped"].append(k + f" (the network keeps its fixed sin-cos table for grid {network.grid})")
+        elif k == "encoder.pos_embed" and v.shape != own[k].shape:
+            new[k] = resize_pos_embed(v.float(), old_grid, network.grid)
+            report["resized"].append(f"{k} grid {old_grid} -> {network.grid}")
+        elif k == "encoder.patch_embed.proj.weight" and v.shape[1] != own[k].shape[1]:
+            new[k] = adapt_input_channels(v.float(), own[k].shape[1])
+            report["adapted"].append(f"{k} input channels {v.shape[1]} -> {own[k].shape[1]}")
+        elif v.shape != own[k].shape:
+            raise CheckpointError(f"{k}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}; the checkpoint "
+                                  f"does not fit the planned network")
+        else:
+            new[k] = v
+            report["loaded"].append(k)
+    report["random"] = [k for k in own if k not in new and not (k == "encoder.pos_embed" and fixed_pos)]
+    result = network.load_state_dict({k: t.to(own[k].dtype) for k, t in new.items()}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return report
+
+
+def summarize(keys: list[str]) -> list[str]:
+    """Group keys by module, numbered indices collapsed: 'encoder.blocks.* (144 tensors)'."""
+    counts = Counter()
+    for k in keys:
+        parts = re.sub(r"\.\d+(?=\.|$)", ".*", k.split(" (")[0]).split(".")
+        head = parts[:3] if len(parts) > 2 and parts[2] == "*" else parts[:2]
+        counts[".".join(head) + (".*" if len(parts) > len(head) else "")] += 1
+    return [f"{k} ({n} tensor{'s' if n > 1 else ''})" for k, n in counts.items()]
+
+
+def format_report(report: dict, source) -> list[str]:
+    lines = [f"pretrained weights from {source}: {len(report['loaded'])} tensors loaded as they are, "
+             f"{len(report['resized'])} resized, {len(report['adapted'])} adapted, {len(report['skipped'])} in the "
+             f"file skipped, {len(report['random'])} network tensors initialised at random"]
+    titles = dict(loaded="loaded", resized="resized", adapted="adapted", skipped="skipped (in the file, not used)",
+                  random="random init (not in the file)")
+    for key, title in titles.items():
+        if report[key]:
+            notes = [k for k in report[key] if " (" in k] if key == "skipped" else []
+            plain = [k for k in report[key] if k not in notes]
+            shown = report[key] if key in ("resized", "adapted") else summarize(plain) + notes
+            lines.append(f"  {title}: " + "; ".join(shown))
+    return lines
+
+
+def load_pretrained_into(network, path, expected_sha: str | None = None, log=print, pretrained=None) -> dict:
+    """Check the file (exists, unchanged since planning, same encoder), load it, log the report."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"the pretrained checkpoint {path} named in the plans does not exist; restore it, "
+                              f"or re-run `himae-nnunet plan` with the checkpoint you want")
+    if expected_sha and sha256(path) != expected_sha:
+        raise CheckpointError(f"{path} changed since the plans were made (sha256 differs from the plans' "
+                              f"{expected_sha[:16]}...); re-run `himae-nnunet plan ... --overwrite` for the new "
+                              f"file, then preprocess again if spacing or window changed")
+    state_dict, meta = pretrained if pretrained is not None else read_pretrained(path)
+    check_same_encoder(meta["model"], network.config, path)
+    report = load_encoder(network, state_dict, meta)
+    for line in format_report(report, path):
+        log(line)
+    return report
+
+
+def build_network_from_plans(plans: dict, dataset_json: dict, configuration: str = "3d_fullres"):
+    """The UNETR nnU-Net builds for these plans (the trainers' static builder), in train mode."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from himae_nnunet.trainers.finetune import nnUNetTrainerUNETR
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    return nnUNetTrainerUNETR.build_network_architecture(
+        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+        pm.get_label_manager(dataset_json).num_segmentation_heads, False)
+
+
+def export_full_network(plans: dict, dataset_json: dict, checkpoint, out, configuration: str = "3d_fullres",
+                        log=print) -> dict:
+    """A file stock `nnUNetv2_train -pretrained_weights` accepts: every network key, encoder pretrained."""
+    torch.manual_seed(0)
+    network = build_network_from_plans(plans, dataset_json, configuration)
+    report = load_pretrained_into(network, checkpoint, log=log)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network_weights": network.state_dict(),
+                "himae": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint),
+                          "plans_name": plans["plans_name"], "configuration": configuration}}, out)
+    return report

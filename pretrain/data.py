@@ -1,0 +1,259 @@
+"""Pretraining loader: random crops of nnU-Net-preprocessed CT, read through nnU-Net's dataset classes.
+
+Every sample is a pure function of (seed, step, micro-batch, global volume index): which case, the crop
+centres (3:1 tissue vs air), the augmentation and the token permutation. Hence the loader needs no state
+to resume (it restarts at a step), any number of workers gives the same batches, and DDP ranks together
+draw exactly the batch one process would draw with the same global batch.
+"""
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.rot90 import Rot90Transform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+from ..errors import UserError
+from ..nnunet_env import dataset_name, require_folder
+from .prepare import CONFIGURATION, PLANS_BASE_NAME, PLANS_KEY
+
+
+@dataclass
+class Source:
+    """One prepared dataset: its preprocessed folder, usable cases and sampling weight."""
+    name: str
+    folder: Path
+    identifiers: list
+    weight: float
+    spacing: list
+    window: list
+    plans_name: str
+    skipped: list = field(default_factory=list)
+
+
+def find_plans(pre_folder: Path, plans_name: str | None) -> Path:
+    """The pretraining plans of a dataset: `plans_name`, or the only/default one written by prepare-pretrain."""
+    ds = pre_folder.name
+    hint = f"run `himae-nnunet prepare-pretrain --dataset {int(ds[7:10])}` first"
+    if plans_name:
+        f = pre_folder / f"{plans_name}.json"
+        if not f.is_file():
+            raise UserError(f"{f} does not exist; {hint} (with the same --plans-name)")
+        return f
+    found = sorted(f for f in pre_folder.glob("*.json") if f.stem.startswith(PLANS_BASE_NAME)
+                   and PLANS_KEY in json.loads(f.read_text()))
+    if not found:
+        raise UserError(f"{ds} has no pretraining plans in {pre_folder}; {hint}")
+    default = [f for f in found if f.stem == PLANS_BASE_NAME]
+    if default or len(found) == 1:
+        return (default or found)[0]
+    raise UserError(f"{ds} has several pretraining plans ({', '.join(f.stem for f in found)}); choose one "
+                    f"with --plans-name")
+
+
+def find_sources(datasets, weights=None, plans_name: str | None = None, skip_bad_cases: bool = False) -> list:
+    """Resolve dataset ids to prepared Sources; every case is opened once so a bad file fails here, by name."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    if not datasets:
+        raise UserError("give at least one --dataset")
+    if weights is not None and (len(weights) != len(datasets) or min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"--weights {weights}: give one non-negative weight per --dataset ({len(datasets)})")
+    pre_root = require_folder("nnUNet_preprocessed")
+    sources = []
+    for i, ds in enumerate(datasets):
+        name = str(dataset_name(ds))
+        plans_file = find_plans(pre_root / name, plans_name)
+        plans = json.loads(plans_file.read_text())
+        folder = pre_root / name / plans["configurations"][CONFIGURATION]["data_identifier"]
+        if not folder.is_dir() or not any(folder.glob("*.pkl")):
+            raise UserError(f"{folder} holds no preprocessed cases; run `himae-nnunet prepare-pretrain "
+                            f"--dataset {int(name[7:10])}`")
+        try:
+            cls = infer_dataset_class(str(folder))
+        except AssertionError:
+            raise UserError(f"{folder} mixes file types (.b2nd/.npz); re-run prepare-pretrain --overwrite") from None
+        ids, skipped = [], []
+        nn_ds = cls(str(folder))
+        for cid in nn_ds.identifiers:
+            try:
+                data = nn_ds.load_case(cid)[0]
+                if len(data.shape) != 4 or data.shape[0] != 1:
+                    raise ValueError(f"shape {tuple(data.shape)}, expected one channel of a 3D volume")
+                ids.append(cid)
+            except Exception as e:  # truncated/corrupted blosc2 or pickle files
+                msg = f"{folder / cid}.*: cannot be read ({type(e).__name__}: {str(e)[:150]})"
+                if not skip_bad_cases:
+                    raise UserError(f"{msg}; re-run prepare-pretrain --overwrite for {name}, or pass "
+                                    f"--skip-bad-cases to leave it out") from None
+                skipped.append(msg)
+        if not ids:
+            raise UserError(f"{folder}: no readable case")
+        meta = plans[PLANS_KEY]
+        sources.append(Source(name, folder, ids, float(weights[i]) if weights else float(len(ids)),
+                              meta["spacing"], meta["window"], plans_file.stem, skipped))
+    for s in sources[1:]:
+        if (s.spacing, s.window) != (sources[0].spacing, sources[0].window):
+            raise UserError(f"{s.name} was prepared with spacing {s.spacing} / window {s.window} but "
+                            f"{sources[0].name} with {sources[0].spacing} / {sources[0].window}; prepare all "
+                            f"datasets with the same --spacing and --window")
+    return sources
+
+
+class UniformShiftTransform(ImageOnlyTransform):
+    """Adds one offset drawn uniformly from [-max_shift, max_shift] (the paper's intensity shift)."""
+
+    def __init__(self, max_shift: float):
+        super().__init__()
+        self.max_shift = max_shift
+
+    def get_parameters(self, **data_dict) -> dict:
+        return {"shift": float(torch.empty(1).uniform_(-self.max_shift, self.max_shift))}
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        return img.add_(params["shift"])
+
+
+def paper_augmentation(crop_size) -> ComposeTransforms:
+    """Flip p 0.5 per axis, rot90 in the axial plane p 0.3, intensity x(1 +- 0.1) p 0.1, +-0.1 p 0.1."""
+    transforms = [MirrorTransform(allowed_axes=(0, 1, 2))]
+    if crop_size[1] == crop_size[2]:  # axial plane (y, x) of the z, y, x arrays: square crops only
+        transforms.append(RandomTransform(Rot90Transform(1, (1, 2, 3), allowed_axes={1, 2}), 0.3))
+    transforms += [RandomTransform(MultiplicativeBrightnessTransform((0.9, 1.1), True), 0.1),
+                   RandomTransform(UniformShiftTransform(0.1), 0.1)]
+    return ComposeTransforms(transforms)
+
+
+@contextmanager
+def seeded_global_rngs(seed: int):
+    """batchgeneratorsv2 draws from torch's and numpy's global generators: seed them, restore afterwards."""
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+def pick_centre(vol: np.ndarray, rng: np.random.Generator, tissue: bool) -> np.ndarray:
+    """A uniformly random voxel that is tissue (> 0) or air (<= 0); any voxel if there is none."""
+    shape = np.array(vol.shape)
+    cand = rng.integers(0, shape, size=(64, 3))  # rejection sampling: cheap and uniform over the matches
+    hit = np.flatnonzero((vol[tuple(cand.T)] > 0) == tissue)
+    if hit.size:
+        return cand[hit[0]]
+    idx = np.flatnonzero((vol > 0) == tissue)
+    if idx.size == 0:
+        return rng.integers(0, shape)
+    return np.array(np.unravel_index(idx[rng.integers(idx.size)], vol.shape))
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Item key (step, micro, g) -> `crops_per_volume` augmented crops of one volume + token permutations."""
+
+    def __init__(self, sources, crop_size, crops_per_volume: int, seed: int, patch_size: int,
+                 augment: bool = True, tissue_fraction: float = 0.75, skip_bad_cases: bool = False):
+        self.sources, self.crop = sources, tuple(int(c) for c in crop_size)
+        self.n, self.seed, self.augment = crops_per_volume, int(seed), augment
+        self.num_tokens = int(np.prod([c // patch_size for c in self.crop]))
+        self.tissue_fraction, self.skip_bad_cases = tissue_fraction, skip_bad_cases
+        w = np.array([s.weight for s in sources], float)
+        self.p = w / w.sum()
+        self._datasets = self._transform = None
+
+    def _open(self, si: int):
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        if self._datasets is None:
+            self._datasets = [infer_dataset_class(str(s.folder))(str(s.folder), list(s.identifiers))
+                              for s in self.sources]
+        return self._datasets[si]
+
+    def load_volume(self, si: int, cid: str) -> np.ndarray:
+        data = self._open(si).load_case(cid)[0]
+        vol = np.asarray(data[0], dtype=np.float32)
+        if not np.isfinite(vol).all():
+            raise ValueError("non-finite voxels")
+        pad = [max(0, c - s) for c, s in zip(self.crop, vol.shape)]
+        if any(pad):  # volumes smaller than a crop: pad with air (0)
+            vol = np.pad(vol, [(p // 2, p - p // 2) for p in pad])
+        return vol
+
+    def __getitem__(self, key):
+        step, micro, g = key
+        rng = np.random.default_rng([self.seed, step, micro, g])
+        errors = []
+        for _ in range(10):  # bad cases (when skipped) are replaced by another deterministic draw
+            si = int(rng.choice(len(self.sources), p=self.p))
+            cid = self.sources[si].identifiers[int(rng.integers(len(self.sources[si].identifiers)))]
+            try:
+                vol = self.load_volume(si, cid)
+                break
+            except Exception as e:
+                errors.append(f"{self.sources[si].folder / cid}.b2nd: {type(e).__name__}: {str(e)[:150]}")
+                if not self.skip_bad_cases:
+                    return {"error": f"cannot read {errors[-1]}; pass --skip-bad-cases to leave bad cases out"}
+        else:
+            return {"error": "10 bad cases in a row:\n" + "\n".join(errors)}
+        crops = np.empty((self.n, 1, *self.crop), np.float32)
+        half = np.array(self.crop) // 2
+        for i in range(self.n):
+            c = pick_centre(vol, rng, bool(rng.random() < self.tissue_fraction))
+            lo = np.clip(c - half, 0, np.array(vol.shape) - self.crop)
+            crops[i, 0] = vol[lo[0]:lo[0] + self.crop[0], lo[1]:lo[1] + self.crop[1], lo[2]:lo[2] + self.crop[2]]
+        np.clip(crops, 0.0, 1.0, out=crops)  # nnU-Net's cubic resampling overshoots the window slightly
+        images = torch.from_numpy(crops)
+        if self.augment:
+            if self._transform is None:
+                self._transform = paper_augmentation(self.crop)
+            with seeded_global_rngs(int(rng.integers(2 ** 63))):
+                images = torch.stack([self._transform(image=img)["image"] for img in images])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
+        perm = torch.rand(self.n, self.num_tokens, generator=gen).argsort(dim=1)
+        return {"image": images.contiguous(), "perm": perm, "case": f"{self.sources[si].name}/{cid}",
+                "skipped": errors, "error": None}
+
+
+def collate(items: list) -> dict:
+    bad = [it["error"] for it in items if it["error"]]
+    if bad:
+        return {"error": bad[0]}
+    return {"image": torch.cat([it["image"] for it in items]), "perm": torch.cat([it["perm"] for it in items]),
+            "cases": [it["case"] for it in items], "skipped": [s for it in items for s in it["skipped"]],
+            "error": None}
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Keys of the volumes this rank loads, per optimizer step and micro-batch, from `start_step` on."""
+
+    def __init__(self, start_step: int, total_steps: int, accumulate: int, volumes: int, rank: int = 0,
+                 fixed: bool = False):
+        self.start, self.total, self.accumulate = start_step, total_steps, accumulate
+        self.volumes, self.rank, self.fixed = volumes, rank, fixed
+
+    def __len__(self):
+        return max(0, self.total - self.start) * self.accumulate
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for micro in range(self.accumulate):
+                key_step = 0 if self.fixed else step  # fixed: the same batch every step (overfitting checks)
+                yield [(key_step, micro, self.rank * self.volumes + j) for j in range(self.volumes)]
+
+
+def _worker_init(_):
+    import blosc2
+    torch.set_num_threads(1)
+    blosc2.set_nthreads(1)
+
+
+def make_loader(dataset: CropDataset, sampler: StepBatches, workers: int, pin_memory: bool = False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        worker_init_fn=_worker_init, persistent_workers=False, prefetch_factor=2 if workers else None)

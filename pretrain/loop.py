@@ -1,0 +1,423 @@
+"""The pretraining loop: AdamW + warmup/cosine, bf16 on CUDA, DDP through torchrun, atomic checkpoints and
+an exact resume (model, optimizer, scheduler, scaler, step, RNG states; the loader restarts at the step)."""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoints import load_strict, make_meta, read_checkpoint, save_checkpoint
+from ..errors import UserError
+from ..models.hiend_mae import HiEndMAE
+from ..models.presets import model_config
+from .data import CropDataset, StepBatches, find_sources, make_loader
+
+# DDP notes that the patch-embedding grad (C = 1) has another stride on its size-1 axis: same memory layout
+warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
+
+LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
+# options that define the sample and model sequence: a resumed run must keep them
+RUN_DEFINING = ("datasets", "weights", "plans_name", "model", "method", "stages", "mask_ratio", "crop_size",
+                "crops_per_volume", "accumulate", "seed", "fixed_batch", "augment")
+
+
+@dataclass
+class PretrainOptions:
+    datasets: list
+    output: str
+    model: str = "vit_b12_1536"
+    method: str = "hiend"  # hiend | mae (= stages 0)
+    stages: int | None = None  # dense decoder stages B; default 3 for hiend
+    mask_ratio: float = 0.75
+    steps: int = 1000  # total optimizer steps of the run
+    warmup: int | None = None  # default min(4000, steps // 10)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    clip_grad: float | None = None
+    batch_volumes: int = 2  # volumes per process and micro-batch
+    crops_per_volume: int = 8
+    crop_size: int = 96
+    accumulate: int = 1
+    checkpoint_every: int = 500
+    preview_every: int | None = None  # default: checkpoint_every; 0 = never
+    log_every: int = 1
+    seed: int = 0
+    device: str | None = None  # default cuda when available
+    resume: bool = False
+    compile: bool = False
+    workers: int = 4
+    weights: list | None = None
+    plans_name: str | None = None
+    skip_bad_cases: bool = False
+    fixed_batch: bool = False  # the same batch every step (overfitting sanity check)
+    augment: bool = True
+    stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
+    tensorboard: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def lr_factor(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Multiplier of base_lr for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))) / base_lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """Decay on weight matrices only: no decay on biases, norms, cls/mask tokens, position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def setup_distributed(device: str | None):
+    """(rank, world size, torch.device, whether we initialised the process group). torchrun sets the env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: use cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu or fix the CUDA install")
+    dev = torch.device("cuda", local % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(dev)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        started = True
+    return rank, world, dev, started
+
+
+def build_config(o: PretrainOptions) -> dict:
+    if o.method not in ("hiend", "mae"):
+        raise UserError(f"--method {o.method}: use hiend or mae")
+    stages = 0 if o.method == "mae" else (3 if o.stages is None else o.stages)
+    if o.method == "mae" and o.stages not in (None, 0):
+        raise UserError(f"--method mae has no dense stages; drop --stages {o.stages} or use --method hiend")
+    if o.method == "hiend" and stages == 0:
+        raise UserError("--stages 0 is the MAE baseline; say --method mae")
+    return model_config(o.model, stages=stages, mask_ratio=o.mask_ratio, crop_size=o.crop_size)
+
+
+def check_options(o: PretrainOptions) -> None:
+    for name in ("steps", "batch_volumes", "crops_per_volume", "accumulate", "checkpoint_every", "log_every"):
+        if getattr(o, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
+    if o.warmup is not None and o.warmup < 0 or o.lr <= 0 or o.workers < 0:
+        raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
+    if o.stop_at is not None and o.stop_at < 1:
+        raise UserError(f"--stop-at {o.stop_at}: must be a step >= 1")
+
+
+def check_output(out: Path, resume: bool):
+    """Refuse to mix runs; returns the checkpoint to resume from (or None)."""
+    existing = [n for n in (LATEST, FINAL, LOG) if (out / n).exists()]
+    if not resume:
+        if existing:
+            raise UserError(f"{out} already holds a pretraining run ({', '.join(existing)}); add --resume to "
+                            f"continue it, or choose another --output")
+        return None
+    if not (out / LATEST).is_file():
+        raise UserError(f"--resume: {out / LATEST} does not exist; start without --resume")
+    return read_checkpoint(out / LATEST)
+
+
+def restore_training(ckpt: dict, o: PretrainOptions, global_volumes: int) -> dict:
+    t = ckpt.get("training")
+    if not isinstance(t, dict):
+        raise UserError(f"{o.output}/{LATEST} holds no training state (weights only); start a new run from it "
+                        f"is not supported, choose another --output")
+    saved = t["options"]
+    diff = [k for k in RUN_DEFINING if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k)))]
+    if t["global_volumes"] != global_volumes:
+        diff.append(f"global batch ({t['global_volumes']} volumes saved, now {global_volumes})")
+    if diff:
+        raise UserError("--resume with options that differ from the saved run: " + ", ".join(
+            f"{k} (saved {saved.get(k)!r})" if k in saved else k for k in diff) + "; use the same values")
+    for k in ("lr", "min_lr", "warmup", "weight_decay", "clip_grad", "steps"):
+        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k))):
+            print(f"note: --{k.replace('_', '-')} changed from {saved.get(k)} to {getattr(o, k)}; the continuation "
+                  f"differs from an uninterrupted run")
+    if t["next_step"] >= o.steps:
+        raise UserError(f"the run in {o.output} is at step {t['next_step']} already; give a larger --steps")
+    return t
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+class StopFlag:
+    """SIGINT/SIGTERM (e.g. a cluster's pre-emption) -> finish the step, write the checkpoint, stop."""
+
+    def __init__(self):
+        self.set, self.old = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.set = True
+        print(f"\nsignal {signum}: stopping after this step (checkpoint written); continue with --resume",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def run_pretraining(o: PretrainOptions) -> dict:
+    """Run (or continue) a pretraining run. Returns {'step', 'losses', 'output', 'model'}."""
+    check_options(o)
+    rank, world, device, started = setup_distributed(o.device)
+    try:
+        return _train(o, rank, world, device)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> dict:
+    out = Path(o.output)
+    config = build_config(o)
+    warmup = min(4000, o.steps // 10) if o.warmup is None else o.warmup
+    sources = find_sources(o.datasets, o.weights, o.plans_name, o.skip_bad_cases)
+    ckpt = check_output(out, o.resume)
+    if world > 1:
+        dist.barrier()  # every rank checked the folder before rank 0 writes into it
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    for s in sources:
+        for msg in s.skipped:
+            say(f"skipping bad case {msg}")
+
+    torch.manual_seed(o.seed)
+    model = HiEndMAE(config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.steps, warmup, o.lr, o.min_lr))
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    start = 0
+    global_volumes = world * o.batch_volumes
+    if ckpt is not None:
+        t = restore_training(ckpt, o, global_volumes)
+        load_strict(model, ckpt["state_dict"], out / LATEST)
+        optimizer.load_state_dict(t["optimizer"])
+        scheduler.load_state_dict(t["scheduler"])
+        scaler.load_state_dict(t["scaler"])
+        set_rng_state(t["rng"])
+        start = t["next_step"]
+    stop = min(o.steps, o.stop_at or o.steps)
+    if stop <= start:
+        raise UserError(f"--stop-at {o.stop_at} is not after the run's step {start}")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    fwd = torch.compile(net) if o.compile else net
+    dataset = CropDataset(sources, config["crop_size"], o.crops_per_volume, o.seed, config["patch_size"],
+                          augment=o.augment, skip_bad_cases=o.skip_bad_cases)
+    loader = make_loader(dataset, StepBatches(start, stop, o.accumulate, o.batch_volumes, rank, o.fixed_batch),
+                         o.workers, pin_memory=device.type == "cuda")
+    crops_per_step = global_volumes * o.crops_per_volume * o.accumulate
+    data_desc = [f"{s.name} ({len(s.identifiers)} cases, {s.plans_name})" for s in sources]
+    meta_args = dict(method=o.method, spacing=sources[0].spacing, window=sources[0].window, data=data_desc)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"pretraining {o.method} (B={config['stages']}) {o.model}: {n_params / 1e6:.1f}M parameters, crop "
+        f"{list(config['crop_size'])}, mask ratio {o.mask_ratio}; data: {', '.join(data_desc)}")
+    say(f"effective batch: {world} process(es) x {o.batch_volumes} volumes x {o.crops_per_volume} crops x "
+        f"accumulate {o.accumulate} = {crops_per_step} crops/step; device {device}, "
+        f"{'autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else 'fp32'}; steps {start} -> {stop} of "
+        f"{o.steps} (warmup {warmup})")
+
+    writer = log = pbar = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        options = {k: _jsonable(v) for k, v in asdict(o).items()}
+        if start == 0:
+            (out / "config.json").write_text(json.dumps({"options": options, "model": config,
+                                                         "world_size": world, "data": data_desc}, indent=2,
+                                                        default=list))
+        log = open_log(out / LOG, start)
+        writer = tensorboard_writer(out, o.tensorboard)
+        from tqdm import tqdm
+        pbar = tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def save(path: Path, step: int, with_state: bool):
+        if not main:
+            return
+        extra = None
+        if with_state:
+            extra = {"training": {"next_step": step, "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                  "rng": rng_state(), "options": {k: _jsonable(v) for k, v in asdict(o).items()},
+                                  "world_size": world, "global_volumes": global_volumes}}
+        save_checkpoint(path, model.state_dict(), make_meta(config, step=step, **meta_args), extra)
+
+    preview_every = o.checkpoint_every if o.preview_every is None else o.preview_every
+    losses, t_start, step = [], time.perf_counter(), start
+    batches = iter(loader)
+    with StopFlag() as stop_flag:
+        try:
+            for step in range(start, stop):
+                t0 = time.perf_counter()
+                net.train()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                loss_value = 0.0
+                for micro in range(o.accumulate):
+                    batch = next(batches)
+                    if batch["error"]:
+                        raise UserError(batch["error"])
+                    for msg in batch["skipped"]:
+                        say(f"\nskipped bad case {msg}")
+                    x = batch["image"].to(device, non_blocking=True)
+                    perm = batch["perm"].to(device, non_blocking=True)
+                    sync = net.no_sync() if world > 1 and micro < o.accumulate - 1 else nullcontext()
+                    with sync:
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            loss = fwd(x, shuffle_indices=perm).loss
+                        value = loss.detach().float().reshape(1)
+                        if world > 1:
+                            dist.all_reduce(value)
+                            value /= world
+                        if not torch.isfinite(value).all():
+                            raise NonFiniteLoss(
+                                f"the loss became {value.item()} at step {step + 1}; training stopped. "
+                                f"{last_good(out, main)} Lower --lr, set --clip-grad, or check the data, "
+                                f"then continue with --resume")
+                        scaler.scale(loss / o.accumulate).backward()
+                    loss_value += value.item() / o.accumulate
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                done = step + 1
+                losses.append(loss_value)
+                flag = torch.tensor([float(stop_flag.set)])
+                if world > 1:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                speed = crops_per_step / (time.perf_counter() - t0)
+                if main:
+                    if done % o.log_every == 0 or done == stop or flag.item():
+                        rec = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                               "crops_per_s": round(speed, 2), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            for k in ("loss", "lr", "grad_norm", "crops_per_s"):
+                                writer.add_scalar(f"pretrain/{k}", rec[k], done)
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", crops_s=f"{speed:.1f}", refresh=False)
+                if done % o.checkpoint_every == 0 or done == stop or flag.item():
+                    save(out / LATEST, done, with_state=True)
+                if main and preview_every and (done % preview_every == 0 or done == o.steps):
+                    from .preview import save_preview
+                    save_preview(model, x[:1], perm[:1], out / "previews" / f"step_{done:07d}.png",
+                                 f"{o.method} step {done}")
+                if world > 1:
+                    dist.barrier()
+                if flag.item():
+                    stop = done
+                    break
+            if stop == o.steps:
+                save(out / FINAL, o.steps, with_state=False)
+        finally:
+            if main:
+                pbar.close()
+                log.close()
+                if writer is not None:
+                    writer.close()
+    if stop == o.steps:
+        say(f"done: {out / FINAL} (step {o.steps}); log {out / LOG}")
+    else:
+        say(f"stopped at step {stop} of {o.steps}: {out / LATEST}; continue with the same command plus --resume")
+    return {"step": stop, "losses": losses, "output": str(out), "model": model}
+
+
+def last_good(out: Path, main: bool) -> str:
+    if (out / LATEST).is_file():
+        try:
+            step = read_checkpoint(out / LATEST)["meta"]["step"]
+            return f"The last good checkpoint, {out / LATEST} (step {step}), is kept."
+        except UserError:
+            pass
+    return "No checkpoint had been written yet."
+
+
+def open_log(path: Path, start: int):
+    """log.jsonl for appending; entries after `start` (written by a run killed after its last checkpoint)
+    are dropped so that the resumed log reads like an uninterrupted one."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= start:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut off by a kill
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
+def tensorboard_writer(out: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,148 @@
+"""The pretraining loop on the prepared real CTs (vit_tiny, small crops, CPU): both methods, checkpoints,
+overfitting a fixed batch, kill + exact resume, two-process gloo DDP, non-finite loss, bad cases."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from himae_nnunet.checkpoints import load_checkpoint, read_checkpoint
+from himae_nnunet.cli import main
+from himae_nnunet.errors import UserError
+from himae_nnunet.pretrain.loop import NonFiniteLoss, PretrainOptions, run_pretraining
+from test_pretrain_prepare import tree  # noqa: F401  (session-prepared nnU-Net tree)
+
+TINY = dict(datasets=[501], model="vit_tiny", crop_size=32, batch_volumes=1, crops_per_volume=2, workers=0,
+            device="cpu", tensorboard=False, preview_every=0)
+CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--batch-volumes", "1",
+            "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard"]
+
+
+def log_of(run: Path) -> list:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["hiend", "mae"])
+def test_both_methods_write_checkpoints_log_previews_tensorboard(method, tree, tmp_path):
+    run = tmp_path / method
+    o = PretrainOptions(output=str(run), method=method, steps=3, checkpoint_every=3,
+                        **TINY | dict(datasets=[501, 502], preview_every=3, tensorboard=True))
+    result = run_pretraining(o)
+    assert result["step"] == 3 and all(map(lambda v: 0 < v < 2, result["losses"]))
+    log = log_of(run)
+    assert [r["step"] for r in log] == [1, 2, 3] and all({"loss", "lr", "crops_per_s"} <= set(r) for r in log)
+    model = load_checkpoint(run / "checkpoint_final.pt")
+    meta = model.meta
+    assert (meta["method"], meta["stages"], meta["step"]) == (method, 3 if method == "hiend" else 0, 3)
+    assert meta["spacing"] == [1.5, 1.5, 1.5] and meta["intensity_window"] == [-175.0, 250.0]
+    assert any("Dataset502_Labelled" in d for d in meta["data"])
+    assert len(model.decoder.cross_attention_blocks) == meta["stages"]
+    state = torch.load(run / "checkpoint_latest.pt", weights_only=True)  # training state: plain data only
+    assert state["training"]["next_step"] == 3 and state["training"]["optimizer"]["state"]
+    assert read_checkpoint(run / "checkpoint_latest.pt")["meta"]["step"] == 3
+    assert (run / "previews" / "step_0000003.png").stat().st_size > 5000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # no-decay groups: biases, norms, tokens, position embeddings
+    groups = state["training"]["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    n_nodecay = sum(1 for n, p in model.named_parameters() if p.ndim < 2 or n.endswith(("cls_token", "mask_token")))
+    assert len(groups[1]["params"]) == n_nodecay
+    # the folder holds a run: refused without --resume; --resume with another seed is refused too
+    with pytest.raises(UserError, match="already holds a pretraining run"):
+        run_pretraining(replace(o, steps=4))
+    with pytest.raises(UserError, match="seed"):
+        run_pretraining(replace(o, steps=4, resume=True, seed=5))
+
+
+def test_loss_overfits_a_fixed_batch_within_50_steps(tree, tmp_path):
+    o = PretrainOptions(output=str(tmp_path / "overfit"), steps=50, warmup=5, lr=1e-3, min_lr=1e-3,
+                        fixed_batch=True, checkpoint_every=100, **TINY)
+    losses = run_pretraining(o)["losses"]
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+
+
+def test_kill_and_resume_gives_the_uninterrupted_log(tree, tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "himae_nnunet.cli", "pretrain", *CLI_TINY, "--steps", "400",
+           "--checkpoint-every", "2", "--workers", "0", "--seed", "1"]
+    proc = subprocess.Popen([*cmd, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = read_checkpoint(killed / "checkpoint_latest.pt")["meta"]["step"]
+    assert saved >= 2 and not (killed / "checkpoint_final.pt").exists()
+    stop = saved + 3
+    assert main(["pretrain", *cmd[4:], "--output", str(killed), "--resume", "--stop-at", str(stop)]) == 0
+    assert main(["pretrain", *cmd[4:], "--output", str(clean), "--stop-at", str(stop), "--workers", "1"]) == 0
+    strip = lambda log: [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in log]  # noqa: E731
+    assert strip(log_of(killed)) == strip(log_of(clean)) and len(log_of(clean)) == stop
+    a, b = (torch.load(r / "checkpoint_latest.pt", weights_only=True) for r in (killed, clean))
+    assert a["meta"]["step"] == b["meta"]["step"] == stop
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert load_checkpoint(killed / "checkpoint_latest.pt").meta["step"] == stop
+
+
+def _ddp_worker(rank: int, world: int, port: int, kwargs: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = run_pretraining(PretrainOptions(**kwargs))
+    torch.save({"state": result["model"].state_dict(), "losses": result["losses"]}, f"{out}/rank{rank}.pt")
+
+
+def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tree, tmp_path):
+    steps = dict(steps=3, warmup=1, lr=1e-4, checkpoint_every=3, seed=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kwargs = TINY | steps | dict(output=str(tmp_path / "ddp"))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, kwargs, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert r0["losses"] == r1["losses"]
+    single = run_pretraining(PretrainOptions(output=str(tmp_path / "single"), **TINY | steps | dict(batch_volumes=2)))
+    assert single["losses"] == pytest.approx(r0["losses"], rel=1e-5)
+    ref = single["model"].state_dict()
+    diffs = torch.cat([(ref[k] - r0["state"][k]).abs().flatten() for k in ref])
+    assert diffs.max() < 3e-4 and diffs.median() < 1e-6, (diffs.max(), diffs.median())
+    saved = load_checkpoint(tmp_path / "ddp" / "checkpoint_final.pt").state_dict()  # written by rank 0
+    assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+.*last good checkpoint") as err:
+        run_pretraining(PretrainOptions(output=str(run), steps=20, warmup=0, lr=1e30, checkpoint_every=1, **TINY))
+    failed = int(str(err.value).split("at step ")[1].split(";")[0])
+    assert read_checkpoint(run / "checkpoint_latest.pt")["meta"]["step"] == failed - 1
+    assert not (run / "checkpoint_final.pt").exists()
+    assert max(r["step"] for r in log_of(run)) == failed - 1
+
+
+def test_corrupted_case_is_named_or_skipped(tree, nnunet_dirs, tmp_path, capsys):
+    src = tree["root"] / "nnUNet_preprocessed" / "Dataset501_Unlabelled"
+    dst = nnunet_dirs["nnUNet_preprocessed"] / src.name
+    shutil.copytree(src, dst)
+    bad = dst / "nnUNetPlans_himaePretrain_3d_fullres" / "lung.b2nd"
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = ["pretrain", *CLI_TINY, "--steps", "2", "--workers", "0"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "lung" in err and "--skip-bad-cases" in err and not (tmp_path / "a").exists()
+    assert main([*args, "--output", str(tmp_path / "b"), "--skip-bad-cases"]) == 0
+    assert "skipping bad case" in capsys.readouterr().out and "2 cases" in (tmp_path / "b" / "config.json").read_text()

@@ -1,0 +1,170 @@
+"""Trainers and weights without a training run: lookup through nnUNet_extTrainer, pretrained loading (resize,
+channel adaptation, report), the checks that refuse bad input, optimizer groups and schedule, export."""
+import json
+
+import pytest
+import torch
+
+from himae_nnunet.checkpoints import CheckpointError, sha256
+from himae_nnunet.cli import main
+from himae_nnunet.cli_finetune import ext_trainer_hint, ext_trainer_path
+from himae_nnunet.errors import UserError
+from himae_nnunet.models import UNETR
+from himae_nnunet.models.vit import resize_pos_embed, sincos_pos_embed_3d
+from himae_nnunet.planning import derive_vit_plans
+from himae_nnunet.trainers.finetune import (WarmupDecayLR, nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR,
+                                            param_groups)
+from himae_nnunet.weights import build_network_from_plans, load_pretrained_into, read_pretrained
+from test_plan import base_plans, tiny_checkpoint
+
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz",
+                "numTraining": 2}
+
+
+def test_trainers_found_through_ext_trainer_path(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from himae_nnunet.trainers import variants
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    assert f"export nnUNet_extTrainer={ext_trainer_path()}" in ext_trainer_hint()
+    with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer"):
+        recursive_find_trainer_class_by_name("nnUNetTrainerHiEndMAE_smoke")
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
+    assert ext_trainer_hint() is None
+    cls = recursive_find_trainer_class_by_name("nnUNetTrainerHiEndMAE_smoke")
+    assert cls is variants.nnUNetTrainerHiEndMAE_smoke and (cls.EPOCHS, cls.ITERATIONS) == (2, 10)
+    assert recursive_find_trainer_class_by_name("nnUNetTrainerUNETR_5000epochs").EPOCHS == 5000
+
+
+def test_resize_adapt_and_report(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path / "tiny.pt", crop=48)  # token grid 3x3x3
+    sd, meta = read_pretrained(ckpt)
+    net = UNETR(2, 3, preset="vit_tiny", patch_size_voxels=(32, 48, 64), feature_size=4, pos_embed="learnable")
+    lines = []
+    report = load_pretrained_into(net, ckpt, sha256(ckpt), lines.append)
+    own = net.state_dict()
+    assert torch.equal(own["encoder.blocks.11.mlp.fc2.weight"], sd["encoder.blocks.11.mlp.fc2.weight"])
+    assert torch.equal(own["encoder.cls_token"], sd["encoder.cls_token"])
+    assert torch.allclose(own["encoder.pos_embed"], resize_pos_embed(sd["encoder.pos_embed"], (3, 3, 3), (2, 3, 4)))
+    x = torch.rand(1, 1, 16, 16, 16)  # one patch; the same scan in both channels gives the pretrained response
+    w, b = sd["encoder.patch_embed.proj.weight"], sd["encoder.patch_embed.proj.bias"]
+    ref = torch.nn.functional.conv3d(x, w, b, stride=16)
+    assert torch.allclose(net.encoder.patch_embed.proj(x.repeat(1, 2, 1, 1, 1)), ref, atol=1e-5)
+    assert "mask_token" in report["skipped"] and any(k.startswith("decoder.") for k in report["skipped"])
+    assert report["random"] and all(k.startswith("decoder.") for k in report["random"])
+    assert len(report["loaded"]) == len([k for k in sd if k.startswith("encoder.")]) - 2  # pos resized, conv adapted
+    text = "\n".join(lines)
+    assert "grid (3, 3, 3) -> (2, 3, 4)" in text and "input channels 1 -> 2" in text and "random init" in text
+
+    fixed = UNETR(1, 3, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, keep_cls_token=False)
+    report = load_pretrained_into(fixed, ckpt, log=lambda s: None)
+    assert torch.allclose(fixed.encoder.pos_embed[0], sincos_pos_embed_3d(96, (2, 2, 2)))  # its own exact table
+    assert any("cls token dropped" in k for k in report["skipped"])
+
+
+def test_authors_checkpoint_loads_directly(fixtures_dir):
+    path = fixtures_dir / "official_tiny" / "reference_checkpoint.pth"
+    raw = torch.load(path, weights_only=True)["state_dict"]
+    net = UNETR(1, 2, preset=None, patch_size_voxels=(48, 48, 48), feature_size=4, patch_size=12, embed_dim=96,
+                depth=12, num_heads=4, decoder_dim=48, decoder_heads=4)
+    report = load_pretrained_into(net, path, log=lambda s: None)
+    assert torch.equal(net.state_dict()["encoder.blocks.5.attn.qkv.weight"], raw["module.encoder.blocks.5.attn.qkv.weight"])
+    assert not report["resized"] and not [k for k in report["random"] if k.startswith("encoder.")]
+
+
+def test_checkpoint_of_another_preset_is_refused(tmp_path):
+    ckpt, _ = tiny_checkpoint(tmp_path / "small.pt", preset="vit_small")
+    net = UNETR(1, 2, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4)
+    with pytest.raises(CheckpointError, match=r"vit_small .*dim 384.* but the plans build vit_tiny .*dim 96"):
+        load_pretrained_into(net, ckpt)
+
+
+def vit_plans(ckpt, meta, **options):
+    return derive_vit_plans(base_plans(), str(ckpt), meta, sha256(ckpt), "P", patch_size=(32, 32, 32),
+                            feature_size=4, **options)
+
+
+def test_trainer_refuses_bad_input(tmp_path, nnunet_dirs, capsys):
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    plans = vit_plans(ckpt, meta)
+    nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")  # fine as planned
+    plans["configurations"]["3d_fullres"]["spacing"] = [1.0, 1.0, 1.0]
+    nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
+    assert "spacing [1.0, 1.0, 1.0] differs from the pretraining spacing [3.0, 3.0, 3.0]" in capsys.readouterr().out
+    plans["himae"]["strict"] = True
+    with pytest.raises(UserError, match="refused"):
+        nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
+    plans = vit_plans(ckpt, meta, window=(-100, 200), strict=False)
+    nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
+    assert "intensity window [-100.0, 200.0] differs" in capsys.readouterr().out
+
+    plans = vit_plans(ckpt, meta)
+    tiny_checkpoint(ckpt, crop=32)  # the file changes after planning
+    with pytest.raises(CheckpointError, match="changed since the plans were made"):
+        nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
+    ckpt.unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
+    base = base_plans() | {"configurations": {"3d_fullres": base_plans()["configurations"]["3d_fullres"]}}
+    with pytest.raises(UserError, match="needs ViT plans written by `himae-nnunet plan`.*PlainConvUNet"):
+        nnUNetTrainerHiEndMAE(base, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    assert not any(nnunet_dirs["nnUNet_results"].iterdir())  # refused before nnU-Net made a folder
+
+
+def test_static_builder_rebuilds_the_same_network(tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    pm = PlansManager(vit_plans(ckpt, meta))
+    cm = pm.get_configuration("3d_fullres")
+    a = nnUNetTrainerUNETR.build_network_architecture(pm, cm, 1, 3, True)
+    b = nnUNetTrainerHiEndMAE.build_network_architecture(pm, cm, 1, 3, False)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert a(torch.rand(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)  # a tensor, no deep-supervision list
+    pm_base = PlansManager(base_plans())
+    with pytest.raises(UserError, match="not our UNETR"):
+        nnUNetTrainerUNETR.build_network_architecture(pm_base, pm_base.get_configuration("3d_fullres"), 1, 3)
+
+
+def test_param_groups_and_schedule():
+    net = UNETR(1, 2, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, pos_embed="learnable")
+    groups = param_groups(net, 1e-5, layer_decay=0.5)
+    named = {id(p): n for n, p in net.named_parameters()}
+    no_decay = {named[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"encoder.cls_token", "encoder.pos_embed", "encoder.norm.weight", "decoder.seg_layers.bias"} <= no_decay
+    assert "encoder.blocks.0.attn.qkv.weight" not in no_decay
+    scale = {named[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["encoder.patch_embed.proj.weight"] == 0.5 ** 13 and scale["encoder.blocks.11.attn.qkv.weight"] == 0.5
+    assert scale["decoder.seg_layers.weight"] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+    opt = torch.optim.AdamW(param_groups(net, 1e-5, 1.0), lr=1e-4)
+    sched = WarmupDecayLR(opt, 1e-4, num_epochs=100, warmup_epochs=10, freeze_encoder_epochs=5)
+    lrs = {}
+    for epoch in (0, 4, 5, 9, 55, 99):
+        sched.step(epoch)
+        lrs[epoch] = {g["is_encoder"]: g["lr"] for g in opt.param_groups}
+    assert lrs[0] == {True: 0.0, False: pytest.approx(1e-5)} and lrs[4][True] == 0.0  # warmup, encoder frozen
+    assert lrs[5][True] == pytest.approx(6e-5) and lrs[9][False] == pytest.approx(1e-4)
+    assert lrs[55][False] == pytest.approx(0.5e-4) and lrs[99][False] < 1e-7  # cosine to zero
+
+
+def test_export_pretrained_for_stock_loader(tmp_path, nnunet_dirs, capsys):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    plans = vit_plans(ckpt, meta)
+    folder = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X"
+    folder.mkdir()
+    (folder / "P.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    out = tmp_path / "full.pth"
+    assert main(["export-pretrained", "--plans", str(folder / "P.json"), "-o", str(out)]) == 0
+    assert "-tr nnUNetTrainerUNETR -p P -pretrained_weights" in capsys.readouterr().out
+    torch.manual_seed(1)
+    net = build_network_from_plans(plans, DATASET_JSON)
+    load_pretrained_weights(net, str(out))  # nnU-Net's own loader: every key but seg_layers, same shapes
+    sd, _ = read_pretrained(ckpt)
+    assert torch.equal(net.state_dict()["encoder.blocks.3.norm1.weight"], sd["encoder.blocks.3.norm1.weight"])
+    assert main(["export-pretrained", "--plans", str(folder / "P.json"), "-o", str(out)]) == 2  # no overwrite
+    small, _ = tiny_checkpoint(tmp_path / "small.pt", preset="vit_small")
+    assert main(["export-pretrained", "--plans", str(folder / "P.json"), "--checkpoint", str(small), "-o",
+                 str(tmp_path / "x.pth")]) == 2
+    assert "vit_small" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()

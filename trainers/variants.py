@@ -1,0 +1,61 @@
+"""Schedule variants in nnU-Net's `_Xepochs` naming (the paper fine-tunes 5000 / 5000 / 2000 / 1000 epochs for
+one-shot / 1 % / 10 % / 100 % of the labels; 250 iterations per epoch as nnU-Net), and the smoke variants:
+two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke tests only)."""
+from .finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
+
+
+class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):
+    EPOCHS = 100
+
+
+class nnUNetTrainerHiEndMAE_250epochs(nnUNetTrainerHiEndMAE):
+    EPOCHS = 250
+
+
+class nnUNetTrainerHiEndMAE_500epochs(nnUNetTrainerHiEndMAE):
+    EPOCHS = 500
+
+
+class nnUNetTrainerHiEndMAE_2000epochs(nnUNetTrainerHiEndMAE):
+    EPOCHS = 2000
+
+
+class nnUNetTrainerHiEndMAE_5000epochs(nnUNetTrainerHiEndMAE):
+    EPOCHS = 5000
+
+
+class nnUNetTrainerUNETR_100epochs(nnUNetTrainerUNETR):
+    EPOCHS = 100
+
+
+class nnUNetTrainerUNETR_250epochs(nnUNetTrainerUNETR):
+    EPOCHS = 250
+
+
+class nnUNetTrainerUNETR_500epochs(nnUNetTrainerUNETR):
+    EPOCHS = 500
+
+
+class nnUNetTrainerUNETR_2000epochs(nnUNetTrainerUNETR):
+    EPOCHS = 2000
+
+
+class nnUNetTrainerUNETR_5000epochs(nnUNetTrainerUNETR):
+    EPOCHS = 5000
+
+
+class SmokeMixin:
+    EPOCHS, ITERATIONS, VAL_ITERATIONS = 2, 10, 2
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None  # validation/prediction without 8x mirroring
+        return out
+
+
+class nnUNetTrainerHiEndMAE_smoke(SmokeMixin, nnUNetTrainerHiEndMAE):
+    pass
+
+
+class nnUNetTrainerUNETR_smoke(SmokeMixin, nnUNetTrainerUNETR):
+    pass
