@@ -43,14 +43,16 @@ def prepare_real_cts(root: Path, data: Path) -> int:
 
 def loader_speed(dataset, volumes: int, workers: int) -> float:
     from himae_nnunet.pretrain.data import StepBatches, make_loader
-    loader = iter(make_loader(dataset, StepBatches(0, volumes + 2, 1, 1), workers))
-    next(loader), next(loader)  # worker start-up and first reads
+    loader = iter(make_loader(dataset, StepBatches(0, volumes + 4, 1, 1), workers))
+    for _ in range(4):  # worker start-up, first reads, and the prefetched batches
+        next(loader)
     t0 = time.perf_counter()
     n = sum(next(loader)["image"].shape[0] for _ in range(volumes))
     return n / (time.perf_counter() - t0)
 
 
-def step_time(model_name: str, stages: int, batches: list, steps: int, device: torch.device, compile_: bool) -> float:
+def make_stepper(model_name: str, stages: int, batches: list, device: torch.device, compile_: bool):
+    """A function running one pretraining step (forward, backward, AdamW) on the next batch."""
     from himae_nnunet.models.hiend_mae import HiEndMAE
     from himae_nnunet.models.presets import model_config
     from himae_nnunet.pretrain.loop import param_groups
@@ -59,25 +61,35 @@ def step_time(model_name: str, stages: int, batches: list, steps: int, device: t
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     fwd = torch.compile(model) if compile_ else model
     amp = device.type == "cuda"
+    count = [0]
 
-    def one(i):
-        x, perm = (t.to(device, non_blocking=True) for t in batches[i % len(batches)])
+    def one():
+        x, perm = (t.to(device, non_blocking=True) for t in batches[count[0] % len(batches)])
+        count[0] += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = fwd(x, shuffle_indices=perm).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return one
 
-    for i in range(2):  # warm-up (and compilation)
-        one(i)
-    if amp:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        one(i)
-    if amp:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+
+def step_times(model_name: str, batches: list, steps: int, device: torch.device, compile_: bool) -> dict:
+    """Median step time per B, B = 3 and B = 0 alternating step by step (fair under a shared, noisy CPU)."""
+    steppers = {b: make_stepper(model_name, b, batches, device, compile_) for b in (3, 0)}
+    for one in steppers.values():  # warm-up (and compilation)
+        one(), one()
+    times = {b: [] for b in steppers}
+    for _ in range(steps):
+        for b, one in steppers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[b].append(time.perf_counter() - t0)
+    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
 
 
 def main() -> None:
@@ -86,7 +98,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--model", default="vit_small")
     ap.add_argument("--volumes", type=int, default=1, help="volumes per step (x 8 crops)")
-    ap.add_argument("--loader-volumes", type=int, default=12, help="volumes timed for the loader")
+    ap.add_argument("--loader-volumes", type=int, default=40, help="volumes timed for the loader")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
@@ -106,14 +118,14 @@ def main() -> None:
             items = [ds[(i, 0, j)] for j in range(args.volumes)]
             batches.append((torch.cat([it["image"] for it in items]), torch.cat([it["perm"] for it in items])))
         device = torch.device(args.device)
-        times = {b: step_time(args.model, b, batches, args.steps, device, args.compile) for b in (3, 0)}
+        times = step_times(args.model, batches, args.steps, device, args.compile)
     n_cases = sum(len(s.identifiers) for s in sources)
     crops = args.volumes * 8
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     print(f"loader: {crops_s:.1f} crops/s (1 worker, 96^3, 8 crops/volume, augmented; {n_cases} real CTs)")
-    print(f"step ({args.model}, batch {args.volumes} x 8 = {crops} crops of 96^3, "
+    print(f"step, median of {args.steps} ({args.model}, batch {args.volumes} x 8 = {crops} crops of 96^3, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}):")
     for b, t in times.items():
         print(f"  {'Hi-End-MAE B=3' if b else 'MAE B=0       '}: {t * 1000:8.1f} ms/step  {crops / t:8.2f} crops/s")

@@ -53,6 +53,19 @@ def register(sub) -> None:
     p.add_argument("--spacing", type=float, nargs=3, help="override the pretraining spacing (warns)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="override the CT window (warns)")
     p.add_argument("--strict", action="store_true", help="refuse spacing or window that differ from pretraining")
+    f = p.add_argument_group("fine-tuning options (stored in the plans' himae.finetune block; editable there)")
+    f.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
+    f.add_argument("--weight-decay", type=float, help="default 1e-5")
+    f.add_argument("--warmup-epochs", type=int, help="linear warmup epochs (default 50, at most a tenth of the run)")
+    f.add_argument("--schedule", choices=["cosine", "poly"], help="decay after warmup (default cosine)")
+    f.add_argument("--layer-decay", type=float, help="layer-wise LR decay of the encoder, e.g. 0.75 (default off)")
+    f.add_argument("--freeze-encoder-epochs", type=int, help="encoder LR 0 for the first N epochs (default 0)")
+    f.add_argument("--grad-clip", type=float, help="gradient-norm clip (default 1.0)")
+    f.add_argument("--epochs", type=int, help="epochs of the base trainers (default nnU-Net's 1000; _Xepochs "
+                                              "variants keep theirs)")
+    f.add_argument("--iterations-per-epoch", type=int, help="default nnU-Net's 250")
+    f.add_argument("--no-tta-mirroring", dest="tta_mirroring", action="store_const", const=False,
+                   help="validate and predict in one pass, without nnU-Net's 8x mirroring (CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
     p.add_argument("--preprocess", action="store_true", help="run nnU-Net preprocessing for the new plans")
     p.add_argument("-np", type=int, default=2, help="processes for fingerprinting/preprocessing (default 2)")
@@ -95,7 +108,11 @@ def cmd_plan(args) -> None:
     out = plan(args.dataset, args.checkpoint, args.plans_name, args.base_plans, args.overwrite, args.preprocess,
                args.np, patch_size=args.patch_size, batch_size=args.batch_size, feature_size=args.feature_size,
                keep_cls_token=not args.drop_cls_token, learnable_pos_embed=not args.fixed_pos_embed,
-               spacing=args.spacing, window=args.window, strict=args.strict, max_tokens=args.max_tokens)
+               spacing=args.spacing, window=args.window, strict=args.strict, max_tokens=args.max_tokens,
+               finetune=dict(initial_lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                             schedule=args.schedule, layer_decay=args.layer_decay, grad_clip=args.grad_clip,
+                             freeze_encoder_epochs=args.freeze_encoder_epochs, num_epochs=args.epochs,
+                             iterations_per_epoch=args.iterations_per_epoch, tta_mirroring=args.tta_mirroring))
     plans = json.loads(out.read_text())
     cfg = plans["configurations"][CONFIGURATION]
     a = cfg["architecture"]["arch_kwargs"]

@@ -30,6 +30,9 @@ FINETUNE_DEFAULTS = dict(
     layer_decay=1.0,  # layer-wise LR decay of the encoder (1.0 = off; e.g. 0.75)
     freeze_encoder_epochs=0,  # encoder LR held at 0 for this many first epochs (head warmup)
     grad_clip=1.0,  # gradient-norm clip (nnU-Net's CNN default is 12; Primus uses 1)
+    num_epochs=None,  # None: nnU-Net's 1000, or the trainer variant's (_Xepochs, _smoke); a variant wins
+    iterations_per_epoch=None,  # None: nnU-Net's 250
+    tta_mirroring=True,  # nnU-Net's 8x mirroring at validation/inference (False: one pass, e.g. on CPU)
 )
 
 
@@ -100,7 +103,7 @@ def default_patch_size(crop, median_shape, p: int, max_tokens: int) -> list[int]
 def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_name: str = DEFAULT_PLANS_NAME,
                      patch_size=None, batch_size: int = 2, feature_size: int = 32, keep_cls_token: bool = True,
                      learnable_pos_embed: bool = True, spacing=None, window=None, strict: bool = False,
-                     max_tokens: int | None = None, warn=print) -> dict:
+                     max_tokens: int | None = None, finetune: dict | None = None, warn=print) -> dict:
     """ViT plans (a new dict) from the dataset's base plans and a checkpoint's meta."""
     if CONFIGURATION not in base.get("configurations", {}):
         raise UserError(f"the base plans have no {CONFIGURATION} configuration: ViT plans need 3D images")
@@ -166,8 +169,11 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         intensity_window=window,
         ct_channels=ct_channels,
         strict=bool(strict),
-        finetune=dict(FINETUNE_DEFAULTS),
+        finetune={**FINETUNE_DEFAULTS, **{k: v for k, v in (finetune or {}).items() if v is not None}},
     )
+    unknown = set(plans["himae"]["finetune"]) - set(FINETUNE_DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown fine-tuning options {sorted(unknown)}; known: {', '.join(FINETUNE_DEFAULTS)}")
     return plans
 
 

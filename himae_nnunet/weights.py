@@ -1,8 +1,9 @@
 """Pretrained ViT weights into the UNETR of a fine-tuning run, with a report of every key.
 
 Accepted files: our checkpoints (`himae-nnunet pretrain`, `import-official`) and, converted in memory, the
-authors' released format. Only `encoder.*` is transferred. The position table is resized (trilinear) when the
-token grid differs from pretraining; the patch-embedding conv is adapted when the data have another channel
+authors' released format. Only `encoder.*` is transferred. When the token grid differs from pretraining, a
+sin-cos table is rebuilt for the new grid (the same positions keep the same code, as in pretraining) and a learned
+table is resized trilinearly; the patch-embedding conv is adapted when the data have another channel
 count. The file's decoder, mask token and projections are listed as skipped; the UNETR decoder starts at random.
 """
 import json
@@ -14,7 +15,7 @@ import torch
 
 from .checkpoints import (FORMAT, FORMAT_VERSION, CheckpointError, convert_official_state_dict,
                           infer_official_config, make_meta, official_config_from_json, read_checkpoint, safe_torch_load, sha256)
-from .models.vit import resize_pos_embed
+from .models.vit import resize_pos_embed, sincos_pos_embed_3d
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 
@@ -74,9 +75,12 @@ def load_encoder(network, state_dict: dict, meta: dict) -> dict:
             report["skipped"].append(k + " (the network has none: cls token dropped)")
         elif k == "encoder.pos_embed" and fixed_pos:
             report["skipped"].append(k + f" (the network keeps its fixed sin-cos table for grid {network.grid})")
+        elif k == "encoder.pos_embed" and v.shape != own[k].shape and meta["model"].get("pos_embed") == "sincos":
+            new[k] = sincos_pos_embed_3d(v.shape[-1], network.grid)[None]  # same table, more/fewer positions
+            report["resized"].append(f"{k} grid {old_grid} -> {network.grid} (fixed sin-cos table rebuilt)")
         elif k == "encoder.pos_embed" and v.shape != own[k].shape:
             new[k] = resize_pos_embed(v.float(), old_grid, network.grid)
-            report["resized"].append(f"{k} grid {old_grid} -> {network.grid}")
+            report["resized"].append(f"{k} grid {old_grid} -> {network.grid} (learned table, trilinear)")
         elif k == "encoder.patch_embed.proj.weight" and v.shape[1] != own[k].shape[1]:
             new[k] = adapt_input_channels(v.float(), own[k].shape[1])
             report["adapted"].append(f"{k} input channels {v.shape[1]} -> {own[k].shape[1]}")

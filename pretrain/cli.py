@@ -94,10 +94,15 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_import(args) -> None:
+    from ..errors import UserError
     from .prepare import import_scans, prepare_dataset
     folder = import_scans(args.input, args.dataset_id, args.name, skip_bad_cases=args.skip_bad_cases)
     if not args.no_prepare:
-        prepare_dataset(folder.name, check_images=False, **_prepare_kwargs(args))
+        try:
+            prepare_dataset(folder.name, check_images=False, **_prepare_kwargs(args))
+        except UserError as e:
+            raise UserError(f"{e}\n{folder} was imported; after fixing the cause, run `himae-nnunet "
+                            f"prepare-pretrain --dataset {args.dataset_id}`") from None
     print(f"pretrain on it: himae-nnunet pretrain --dataset {args.dataset_id} --output RUN_FOLDER")
 
 
@@ -105,5 +110,5 @@ def cmd_pretrain(args) -> None:
     from .loop import PretrainOptions, run_pretraining
     fields = PretrainOptions.__dataclass_fields__
     opts = PretrainOptions(datasets=args.dataset, **{k: v for k, v in vars(args).items()
-                                                     if k in fields and k not in ("datasets", "extra")})
+                                                     if k in fields and k != "datasets"})
     run_pretraining(opts)

@@ -10,7 +10,7 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,6 @@ class PretrainOptions:
     augment: bool = True
     stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
     tensorboard: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class NonFiniteLoss(UserError):
@@ -228,6 +227,8 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     config = build_config(o)
     warmup = min(4000, o.steps // 10) if o.warmup is None else o.warmup
     sources = find_sources(o.datasets, o.weights, o.plans_name, o.skip_bad_cases)
+    # ids, names, ints or strings: store resolved names and float weights so that --resume compares like with like
+    o = replace(o, datasets=[s.name for s in sources], weights=[float(w) for w in o.weights] if o.weights else None)
     ckpt = check_output(out, o.resume)
     if world > 1:
         dist.barrier()  # every rank checked the folder before rank 0 writes into it

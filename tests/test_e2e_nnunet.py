@@ -88,7 +88,7 @@ def test_hiend_mae_chain(chain):
     assert (fold / "checkpoint_final.pth").is_file()
     loaded = json.loads((fold / "pretrained_weights.json").read_text())
     assert "encoder.blocks.11.attn.proj.weight" in loaded["loaded"]
-    assert loaded["resized"] == ["encoder.pos_embed grid (3, 3, 3) -> (2, 2, 2)"]
+    assert loaded["resized"] == ["encoder.pos_embed grid (3, 3, 3) -> (2, 2, 2) (fixed sin-cos table rebuilt)"]
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "pretrained weights from" in log and "random init (not in the file): decoder." in log
     assert (fold / "validation" / f"{CASE_B}.nii.gz").is_file()

@@ -105,8 +105,10 @@ def test_plan_command(nnunet_dirs, data_dir, tmp_path, monkeypatch, capsys):
     assert main(args) == 0  # same settings again: a no-op
     assert main(args + ["--batch-size", "4"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(args + ["--batch-size", "4", "--overwrite"]) == 0
-    assert json.loads((folder / "HiEndMAEPlans.json").read_text())["configurations"]["3d_fullres"]["batch_size"] == 4
+    assert main(args + ["--batch-size", "4", "--overwrite", "--epochs", "7", "--lr", "3e-4"]) == 0
+    plans = json.loads((folder / "HiEndMAEPlans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["batch_size"] == 4
+    assert plans["himae"]["finetune"]["num_epochs"] == 7 and plans["himae"]["finetune"]["initial_lr"] == 3e-4
     assert digest(folder / "nnUNetPlans.json") == base_digest  # the dataset's own plans never change
 
     for bad, message in ((["--plans-name", "nnUNetPlans"], "nnU-Net's own plans"),

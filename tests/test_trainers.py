@@ -36,7 +36,7 @@ def test_trainers_found_through_ext_trainer_path(monkeypatch):
 
 
 def test_resize_adapt_and_report(tmp_path):
-    ckpt, _ = tiny_checkpoint(tmp_path / "tiny.pt", crop=48)  # token grid 3x3x3
+    ckpt, _ = tiny_checkpoint(tmp_path / "tiny.pt", crop=48, pos_embed="learnable")  # token grid 3x3x3
     sd, meta = read_pretrained(ckpt)
     net = UNETR(2, 3, preset="vit_tiny", patch_size_voxels=(32, 48, 64), feature_size=4, pos_embed="learnable")
     lines = []
@@ -55,10 +55,13 @@ def test_resize_adapt_and_report(tmp_path):
     text = "\n".join(lines)
     assert "grid (3, 3, 3) -> (2, 3, 4)" in text and "input channels 1 -> 2" in text and "random init" in text
 
-    fixed = UNETR(1, 3, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, keep_cls_token=False)
-    report = load_pretrained_into(fixed, ckpt, log=lambda s: None)
-    assert torch.allclose(fixed.encoder.pos_embed[0], sincos_pos_embed_3d(96, (2, 2, 2)))  # its own exact table
-    assert any("cls token dropped" in k for k in report["skipped"])
+    sincos, _ = tiny_checkpoint(tmp_path / "sincos.pt", crop=48)
+    for pos in ("learnable", "sincos"):  # a sin-cos pretrained table is rebuilt exactly for the new grid
+        net = UNETR(1, 3, preset="vit_tiny", patch_size_voxels=(32, 32, 64), feature_size=4, keep_cls_token=False,
+                    pos_embed=pos)
+        report = load_pretrained_into(net, sincos, log=lambda s: None)
+        assert torch.allclose(net.encoder.pos_embed[0], sincos_pos_embed_3d(96, (2, 2, 4)))
+        assert any("cls token dropped" in k for k in report["skipped"])
 
 
 def test_authors_checkpoint_loads_directly(fixtures_dir):
@@ -97,6 +100,11 @@ def test_trainer_refuses_bad_input(tmp_path, nnunet_dirs, capsys):
     nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
     assert "intensity window [-100.0, 200.0] differs" in capsys.readouterr().out
 
+    small, small_meta = tiny_checkpoint(tmp_path / "small.pt", preset="vit_small")
+    plans = vit_plans(small, small_meta)
+    plans["himae"].update(checkpoint=str(ckpt), checkpoint_sha256=sha256(ckpt))  # plans edited by hand
+    with pytest.raises(CheckpointError, match="vit_tiny .* but the plans build vit_small"):
+        nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")
     plans = vit_plans(ckpt, meta)
     tiny_checkpoint(ckpt, crop=32)  # the file changes after planning
     with pytest.raises(CheckpointError, match="changed since the plans were made"):
@@ -108,6 +116,22 @@ def test_trainer_refuses_bad_input(tmp_path, nnunet_dirs, capsys):
     with pytest.raises(UserError, match="needs ViT plans written by `himae-nnunet plan`.*PlainConvUNet"):
         nnUNetTrainerHiEndMAE(base, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
     assert not any(nnunet_dirs["nnUNet_results"].iterdir())  # refused before nnU-Net made a folder
+
+
+def test_options_from_plans_and_variants(tmp_path, nnunet_dirs):
+    from himae_nnunet.trainers.variants import nnUNetTrainerUNETR_smoke
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    plans = vit_plans(ckpt, meta, finetune=dict(num_epochs=7, iterations_per_epoch=3, initial_lr=3e-4))
+    t = nnUNetTrainerUNETR(plans | {"continue_training": False}, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.initial_lr, t.enable_deep_supervision) == (7, 3, 3e-4, False)
+    t = nnUNetTrainerUNETR_smoke(plans | {"continue_training": False}, "3d_fullres", 0, DATASET_JSON,
+                                 torch.device("cpu"))
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (2, 10, 2)  # variant wins
+    assert set(t.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
+    t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert t.inference_allowed_mirroring_axes is None  # smoke: one-pass validation
+    with pytest.raises(UserError, match="unknown fine-tuning options"):
+        vit_plans(ckpt, meta, finetune=dict(epochs=3))
 
 
 def test_static_builder_rebuilds_the_same_network(tmp_path):
@@ -168,3 +192,14 @@ def test_export_pretrained_for_stock_loader(tmp_path, nnunet_dirs, capsys):
     assert main(["export-pretrained", "--plans", str(folder / "P.json"), "--checkpoint", str(small), "-o",
                  str(tmp_path / "x.pth")]) == 2
     assert "vit_small" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
+
+
+def test_train_wrapper_refuses_non_vit_or_missing_plans(nnunet_dirs, capsys):
+    folder = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(base_plans()))
+    assert main(["train", "900", "3d_fullres", "0", "-p", "nnUNetPlans", "-device", "cpu"]) == 2
+    assert "are not ViT plans; run `himae-nnunet plan`" in capsys.readouterr().err
+    assert main(["train", "900", "3d_fullres", "0", "-device", "cpu"]) == 2  # default -p HiEndMAEPlans
+    assert "HiEndMAEPlans.json do not exist" in capsys.readouterr().err
+    assert not any(nnunet_dirs["nnUNet_results"].iterdir())

@@ -110,8 +110,9 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         self.initial_lr = float(opts["initial_lr"])
         self.weight_decay = float(opts["weight_decay"])
         self.enable_deep_supervision = False
-        self.num_epochs = self.EPOCHS or self.num_epochs
-        self.num_iterations_per_epoch = self.ITERATIONS or self.num_iterations_per_epoch
+        self.num_epochs = int(self.EPOCHS or opts["num_epochs"] or self.num_epochs)
+        self.num_iterations_per_epoch = int(self.ITERATIONS or opts["iterations_per_epoch"]
+                                            or self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = self.VAL_ITERATIONS or self.num_val_iterations_per_epoch
 
     @staticmethod
@@ -124,6 +125,12 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         kwargs = dict(configuration_manager.network_arch_init_kwargs)
         kwargs["patch_size_voxels"] = tuple(configuration_manager.patch_size)  # the sliding-window tile
         return UNETR(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.finetune["tta_mirroring"]:  # stored in the checkpoint: nnUNetv2_predict follows it
+            self.inference_allowed_mirroring_axes = None
+        return out
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # UNETR has a single output
@@ -174,7 +181,7 @@ class nnUNetTrainerHiEndMAE(nnUNetTrainerUNETR):
     def check_checkpoint(plans: dict, configuration: str):
         """Read the plans' checkpoint; refuse a missing or changed file; compare spacing and window."""
         from himae_nnunet.checkpoints import CheckpointError, sha256
-        from himae_nnunet.weights import read_pretrained
+        from himae_nnunet.weights import check_same_encoder, read_pretrained
         h = plans["himae"]
         path = h["checkpoint"]
         try:
@@ -188,6 +195,7 @@ class nnUNetTrainerHiEndMAE(nnUNetTrainerUNETR):
                                   f"--overwrite` for the new file and preprocess again")
         state_dict, meta = read_pretrained(path)
         cfg = plans["configurations"][configuration]
+        check_same_encoder(meta["model"], cfg["architecture"]["arch_kwargs"], path)
         sp = [meta["spacing"][i] for i in plans["transpose_forward"]]
         check_against_pretraining("spacing", cfg["spacing"], sp, h.get("strict", False))
         for c in h.get("ct_channels", []):

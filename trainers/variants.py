@@ -1,6 +1,8 @@
 """Schedule variants in nnU-Net's `_Xepochs` naming (the paper fine-tunes 5000 / 5000 / 2000 / 1000 epochs for
 one-shot / 1 % / 10 % / 100 % of the labels; 250 iterations per epoch as nnU-Net), and the smoke variants:
 two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke tests only)."""
+import torch
+
 from .finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
 
 
@@ -47,10 +49,10 @@ class nnUNetTrainerUNETR_5000epochs(nnUNetTrainerUNETR):
 class SmokeMixin:
     EPOCHS, ITERATIONS, VAL_ITERATIONS = 2, 10, 2
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None  # validation/prediction without 8x mirroring
-        return out
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net's exact signature (it inspects it)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.finetune["tta_mirroring"] = False  # validation/prediction in one pass
 
 
 class nnUNetTrainerHiEndMAE_smoke(SmokeMixin, nnUNetTrainerHiEndMAE):
