@@ -59,22 +59,22 @@ def synthetic_case(rng: np.random.Generator, shape=(64, 96, 96)) -> tuple[np.nda
 
 
 def write_dataset(raw_dir: str | Path, dataset_id: int = 990, name: str = "HiEndDemo", num_cases: int = 6,
-                  seed: int = 0, shape=(64, 96, 96), spacing=(1.5, 1.5, 1.5)) -> Path:
-    """Write DatasetXXX_NAME with imagesTr/labelsTr and dataset.json; returns its folder."""
+                  num_test: int = 0, seed: int = 0, shape=(64, 96, 96), spacing=(1.5, 1.5, 1.5)) -> Path:
+    """Write DatasetXXX_NAME with imagesTr/labelsTr (+ imagesTs/labelsTs) and dataset.json; returns its folder."""
     import SimpleITK as sitk
     rng = np.random.default_rng(seed)
     folder = Path(raw_dir) / f"Dataset{dataset_id:03d}_{name}"
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(exist_ok=True)
-    for i in range(num_cases):
+    for i in range(num_cases + num_test):
+        part = "Tr" if i < num_cases else "Ts"
         ct, seg = synthetic_case(rng, shape)
-        for arr, path in ((ct, folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz"),
-                          (seg, folder / "labelsTr" / f"case_{i:03d}.nii.gz")):
+        for arr, path in ((ct, folder / f"images{part}" / f"case_{i:03d}_0000.nii.gz"),
+                          (seg, folder / f"labels{part}" / f"case_{i:03d}.nii.gz")):
+            path.parent.mkdir(parents=True, exist_ok=True)
             img = sitk.GetImageFromArray(arr)
             img.SetSpacing([float(s) for s in spacing[::-1]])
             sitk.WriteImage(img, str(path))
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": num_cases, "file_ending": ".nii.gz",
-        "name": name, "description": "synthetic abdominal CT made by himae_nnunet.synthetic (seed %d)" % seed,
+        "name": name, "description": f"synthetic abdominal CT made by himae_nnunet.synthetic (seed {seed})",
     }, indent=2))
     return folder

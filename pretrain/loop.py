@@ -268,7 +268,9 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     fwd = torch.compile(net) if o.compile else net
     dataset = CropDataset(sources, config["crop_size"], o.crops_per_volume, o.seed, config["patch_size"],
                           augment=o.augment, skip_bad_cases=o.skip_bad_cases)
-    loader = make_loader(dataset, StepBatches(start, stop, o.accumulate, o.batch_volumes, rank, o.fixed_batch),
+    # --fixed-batch: load step 0's micro-batches once and reuse them
+    loader = make_loader(dataset, StepBatches(start, start + 1 if o.fixed_batch else stop, o.accumulate,
+                                              o.batch_volumes, rank, o.fixed_batch),
                          o.workers, pin_memory=device.type == "cuda")
     crops_per_step = global_volumes * o.crops_per_volume * o.accumulate
     data_desc = [f"{s.name} ({len(s.identifiers)} cases, {s.plans_name})" for s in sources]
@@ -307,7 +309,7 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
 
     preview_every = o.checkpoint_every if o.preview_every is None else o.preview_every
     losses, t_start, step = [], time.perf_counter(), start
-    batches = iter(loader)
+    batches, fixed = iter(loader), []
     with StopFlag() as stop_flag:
         try:
             for step in range(start, stop):
@@ -317,7 +319,9 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                 lr = scheduler.get_last_lr()[0]
                 loss_value = 0.0
                 for micro in range(o.accumulate):
-                    batch = next(batches)
+                    batch = fixed[micro] if len(fixed) == o.accumulate else next(batches)
+                    if o.fixed_batch and len(fixed) < o.accumulate:
+                        fixed.append(batch)
                     if batch["error"]:
                         raise UserError(batch["error"])
                     for msg in batch["skipped"]:

@@ -1,0 +1,120 @@
+"""`himae-nnunet demo`: the whole product on a small synthetic CT dataset (or your scans), in minutes on a CPU.
+
+raw scans -> nnU-Net plans -> pretraining data -> Hi-End-MAE pretraining -> checkpoint -> ViT plans ->
+fine-tuning (pretrained and from scratch) -> nnU-Net prediction -> evaluation -> table and figures.
+Every stage runs the real command a user would type; its output goes to the console and to a log file.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+DATASET_ID = 990
+DATASET = f"Dataset{DATASET_ID}_HiEndDemo"
+PLANS = "nnUNetPlans_himae"
+TRAINERS = {"Hi-End-MAE": "nnUNetTrainerHiEndMAE_demo", "scratch UNETR": "nnUNetTrainerUNETR_demo"}
+
+
+class StageFailed(UserError):
+    pass
+
+
+class Demo:
+    def __init__(self, workdir: Path, device: str, data: Path | None, steps: int):
+        self.work, self.device, self.data, self.steps = workdir.resolve(), device, data, steps
+        self.logs = self.work / "logs"
+        self.figures = self.work / "figures"
+        self.times: dict[str, float] = {}
+        self.env = dict(os.environ)
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            self.env[var] = str(self.work / var)
+        from .cli_finetune import ext_trainer_path
+        self.env.update(nnUNet_extTrainer=ext_trainer_path(), nnUNet_compile="f", nnUNet_n_proc_DA="1",
+                        PYTHONUNBUFFERED="1")
+
+    def run(self, n: int, total: int, name: str, cmd: list[str]) -> None:
+        """Run one stage's command, echoing its output and keeping it in logs/NN_name.log."""
+        log = self.logs / f"{n:02d}_{name.replace(' ', '_')}.log"
+        print(f"\n=== [{n}/{total}] {name}: {' '.join(cmd)}\n    (log: {log})", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=self.work)
+            for line in proc.stdout:
+                f.write(line)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            proc.wait()
+        self.times[name] = time.time() - t0
+        if proc.returncode != 0:
+            raise StageFailed(f"stage '{name}' failed (exit code {proc.returncode}); see {log}")
+
+    def main(self) -> dict:
+        for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "logs", "figures", "predictions"):
+            (self.work / d).mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        raw = self.make_raw_dataset()
+        exe = [sys.executable, "-m", "himae_nnunet.cli"]
+        nn = lambda tool: [shutil.which(tool) or tool]  # noqa: E731
+        pretrain_dir = self.work / "pretrain"
+        ckpt = pretrain_dir / "checkpoint_final.pt"
+        stages = [
+            ("prepare pretraining data", exe + ["prepare-pretrain", "--dataset", str(DATASET_ID), "-np", "2",
+                                                "--crop-size", "64"]),
+            ("pretrain", exe + ["pretrain", "--dataset", str(DATASET_ID), "--output", str(pretrain_dir),
+                                "--model", "vit_tiny", "--crop-size", "64", "--steps", str(self.steps),
+                                "--warmup", str(max(1, self.steps // 10)), "--lr", "1e-3", "--batch-volumes", "2",
+                                "--crops-per-volume", "4", "--checkpoint-every", str(max(1, self.steps // 2)),
+                                "--workers", "1", "--device", self.device, "--resume"]),
+            ("nnU-Net planning", nn("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", "3d_fullres",
+                                                                       "-np", "2", "--verify_dataset_integrity"]),
+            ("ViT plans", exe + ["plan", str(DATASET_ID), "--checkpoint", str(ckpt), "--plans-name", PLANS,
+                                 "--patch-size", "64", "64", "64", "--batch-size", "2", "--feature-size", "16",
+                                 "--preprocess", "-np", "2", "--overwrite"]),
+        ]
+        for label, trainer in TRAINERS.items():
+            stages.append((f"train {label}", nn("nnUNetv2_train") + [str(DATASET_ID), "3d_fullres", "0", "-tr", trainer,
+                                                                  "-p", PLANS, "-device", self.device]))
+            out = self.work / "predictions" / trainer
+            stages.append((f"predict {label}", nn("nnUNetv2_predict") + [
+                "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0",
+                "-tr", trainer, "-p", PLANS, "-device", self.device, "-npp", "1", "-nps", "1", "--disable_tta"]))
+            stages.append((f"evaluate {label}", nn("nnUNetv2_evaluate_folder") + [
+                str(raw / "labelsTs"), str(out), "-djfile", str(raw / "dataset.json"),
+                "-pfile", str(self.work / "nnUNet_preprocessed" / DATASET / f"{PLANS}.json")]))
+        for i, (name, cmd) in enumerate(stages, 1):
+            self.run(i, len(stages), name, cmd)
+        from .demo_report import write_report
+        return write_report(self, raw, ckpt, time.time() - t0)
+
+    def make_raw_dataset(self) -> Path:
+        from .synthetic import write_dataset
+        raw = self.work / "nnUNet_raw" / DATASET
+        t0 = time.time()
+        if self.data is not None:
+            from .demo_report import dataset_from_folder
+            dataset_from_folder(self.data, raw)
+        elif not (raw / "dataset.json").exists():
+            print("=== [0] synthetic CT dataset: 8 training and 2 test scans with liver, spleen, kidney labels")
+            write_dataset(self.work / "nnUNet_raw", DATASET_ID, "HiEndDemo", num_cases=8, num_test=2, seed=0)
+        self.times["make dataset"] = time.time() - t0
+        return raw
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole workflow on a small synthetic CT dataset (minutes on a CPU)")
+    p.add_argument("--workdir", default="himae_demo", help="folder for everything the demo writes (default ./himae_demo)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--data", help="your own labelled scans instead of the synthetic ones: a folder with "
+                                  "imagesTr/labelsTr/imagesTs/labelsTs and dataset.json in nnU-Net's raw format")
+    p.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> None:
+    Demo(Path(args.workdir), args.device, Path(args.data) if args.data else None, args.steps).main()
