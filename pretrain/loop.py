@@ -3,7 +3,6 @@ an exact resume (model, optimizer, scheduler, scaler, step, RNG states; the load
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -13,23 +12,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import load_strict, make_meta, read_checkpoint, save_checkpoint
+from ..checkpoints import load_strict, make_meta, save_checkpoint
 from ..errors import UserError
 from ..models.hiend_mae import HiEndMAE
 from ..models.presets import model_config
 from .data import CropDataset, StepBatches, find_sources, make_loader
+from .run_state import (FINAL, LATEST, LOG, _jsonable, check_output, last_good, open_log, restore_training,
+                        rng_state, set_rng_state)
 
 # DDP notes that the patch-embedding grad (C = 1) has another stride on its size-1 axis: same memory layout
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
-
-LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
-# options that define the sample and model sequence: a resumed run must keep them
-RUN_DEFINING = ("datasets", "weights", "plans_name", "model", "method", "stages", "mask_ratio", "crop_size",
-                "crops_per_volume", "accumulate", "seed", "fixed_batch", "augment")
 
 
 @dataclass
@@ -91,24 +86,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                      int(np_state[3]), float(np_state[4])],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
 def setup_distributed(device: str | None):
     """(rank, world size, torch.device, whether we initialised the process group). torchrun sets the env."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -147,44 +124,6 @@ def check_options(o: PretrainOptions) -> None:
         raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
     if o.stop_at is not None and o.stop_at < 1:
         raise UserError(f"--stop-at {o.stop_at}: must be a step >= 1")
-
-
-def check_output(out: Path, resume: bool):
-    """Refuse to mix runs; returns the checkpoint to resume from (or None)."""
-    existing = [n for n in (LATEST, FINAL, LOG) if (out / n).exists()]
-    if not resume:
-        if existing:
-            raise UserError(f"{out} already holds a pretraining run ({', '.join(existing)}); add --resume to "
-                            f"continue it, or choose another --output")
-        return None
-    if not (out / LATEST).is_file():
-        raise UserError(f"--resume: {out / LATEST} does not exist; start without --resume")
-    return read_checkpoint(out / LATEST)
-
-
-def restore_training(ckpt: dict, o: PretrainOptions, global_volumes: int) -> dict:
-    t = ckpt.get("training")
-    if not isinstance(t, dict):
-        raise UserError(f"{o.output}/{LATEST} holds no training state (weights only); start a new run from it "
-                        f"is not supported, choose another --output")
-    saved = t["options"]
-    diff = [k for k in RUN_DEFINING if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k)))]
-    if t["global_volumes"] != global_volumes:
-        diff.append(f"global batch ({t['global_volumes']} volumes saved, now {global_volumes})")
-    if diff:
-        raise UserError("--resume with options that differ from the saved run: " + ", ".join(
-            f"{k} (saved {saved.get(k)!r})" if k in saved else k for k in diff) + "; use the same values")
-    for k in ("lr", "min_lr", "warmup", "weight_decay", "clip_grad", "steps"):
-        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k))):
-            print(f"note: --{k.replace('_', '-')} changed from {saved.get(k)} to {getattr(o, k)}; the continuation "
-                  f"differs from an uninterrupted run")
-    if t["next_step"] >= o.steps:
-        raise UserError(f"the run in {o.output} is at step {t['next_step']} already; give a larger --steps")
-    return t
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 class StopFlag:
@@ -389,33 +328,6 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     else:
         say(f"stopped at step {stop} of {o.steps}: {out / LATEST}; continue with the same command plus --resume")
     return {"step": stop, "losses": losses, "output": str(out), "model": model}
-
-
-def last_good(out: Path, main: bool) -> str:
-    if (out / LATEST).is_file():
-        try:
-            step = read_checkpoint(out / LATEST)["meta"]["step"]
-            return f"The last good checkpoint, {out / LATEST} (step {step}), is kept."
-        except UserError:
-            pass
-    return "No checkpoint had been written yet."
-
-
-def open_log(path: Path, start: int):
-    """log.jsonl for appending; entries after `start` (written by a run killed after its last checkpoint)
-    are dropped so that the resumed log reads like an uninterrupted one."""
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= start:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut off by a kill
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
-    return open(path, "a")
 
 
 def tensorboard_writer(out: Path, enabled: bool):

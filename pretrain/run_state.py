@@ -1,0 +1,106 @@
+"""Run folder state of pretraining: RNG states as plain tensors/lists (checkpoints load with
+weights_only=True), the refusal to mix runs, the options a resumed run must keep, and log.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..checkpoints import read_checkpoint
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .loop import PretrainOptions
+
+LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
+# options that define the sample and model sequence: a resumed run must keep them
+RUN_DEFINING = ("datasets", "weights", "plans_name", "model", "method", "stages", "mask_ratio", "crop_size",
+                "crops_per_volume", "accumulate", "seed", "fixed_batch", "augment")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def check_output(out: Path, resume: bool):
+    """Refuse to mix runs; returns the checkpoint to resume from (or None)."""
+    existing = [n for n in (LATEST, FINAL, LOG) if (out / n).exists()]
+    if not resume:
+        if existing:
+            raise UserError(f"{out} already holds a pretraining run ({', '.join(existing)}); add --resume to "
+                            f"continue it, or choose another --output")
+        return None
+    if not (out / LATEST).is_file():
+        raise UserError(f"--resume: {out / LATEST} does not exist; start without --resume")
+    return read_checkpoint(out / LATEST)
+
+
+def restore_training(ckpt: dict, o: PretrainOptions, global_volumes: int) -> dict:
+    t = ckpt.get("training")
+    if not isinstance(t, dict):
+        raise UserError(f"{o.output}/{LATEST} holds no training state (weights only); start a new run from it "
+                        f"is not supported, choose another --output")
+    saved = t["options"]
+    diff = [k for k in RUN_DEFINING if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k)))]
+    if t["global_volumes"] != global_volumes:
+        diff.append(f"global batch ({t['global_volumes']} volumes saved, now {global_volumes})")
+    if diff:
+        raise UserError("--resume with options that differ from the saved run: " + ", ".join(
+            f"{k} (saved {saved.get(k)!r})" if k in saved else k for k in diff) + "; use the same values")
+    for k in ("lr", "min_lr", "warmup", "weight_decay", "clip_grad", "steps"):
+        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k))):
+            print(f"note: --{k.replace('_', '-')} changed from {saved.get(k)} to {getattr(o, k)}; the continuation "
+                  f"differs from an uninterrupted run")
+    if t["next_step"] >= o.steps:
+        raise UserError(f"the run in {o.output} is at step {t['next_step']} already; give a larger --steps")
+    return t
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def last_good(out: Path, main: bool) -> str:
+    if (out / LATEST).is_file():
+        try:
+            step = read_checkpoint(out / LATEST)["meta"]["step"]
+            return f"The last good checkpoint, {out / LATEST} (step {step}), is kept."
+        except UserError:
+            pass
+    return "No checkpoint had been written yet."
+
+
+def open_log(path: Path, start: int):
+    """log.jsonl for appending; entries after `start` (written by a run killed after its last checkpoint)
+    are dropped so that the resumed log reads like an uninterrupted one."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= start:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut off by a kill
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+    return open(path, "a")
