@@ -16,7 +16,8 @@ import torch
 from himae_nnunet.flops import count
 from himae_nnunet.models import HiEndMAE, model_config
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# dense bf16 spec sheet values; first matching name wins
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def peak_tflops(device: str) -> float | None:
@@ -33,8 +34,8 @@ def no_decay_groups(model, weight_decay=0.05):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def time_steps(preset: str, stages: int, batch: int, steps: int, warmup: int, device: str, compile_: bool,
-               crop: int) -> dict:
+def make_step(preset: str, stages: int, batch: int, device: str, compile_: bool, crop: int):
+    """One pretraining step (forward, backward, fused AdamW on CUDA) of a fresh model on a fixed batch."""
     torch.manual_seed(0)
     model = HiEndMAE(model_config(preset, stages=stages, crop_size=crop)).to(device)
     opt = torch.optim.AdamW(no_decay_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
@@ -48,32 +49,58 @@ def time_steps(preset: str, stages: int, batch: int, steps: int, warmup: int, de
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
-    for _ in range(warmup):
-        step()
+
+def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    out = {"preset": preset, "stages": stages, "batch": batch, "crop": crop, "step_s": dt, "crops_per_s": batch / dt}
-    if device == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    peak = peak_tflops(device)
-    if peak:
-        train_flops = 3 * 2 * count(preset, stages, crop)["total_gmacs"] * 1e9 * batch  # fwd + 2x bwd
-        out["mfu"] = train_flops / dt / (peak * 1e12)
-    return out
+
+
+def peak_memory_gib(preset, stages, batch, device, compile_, crop) -> float | None:
+    """Peak GPU memory of a fresh model trained alone for two steps (weights, AdamW state, activations)."""
+    if device != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = make_step(preset, stages, batch, device, compile_, crop)
+    step(), step()
+    sync(device)
+    del step
+    return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 def compare(preset, batch, steps, warmup, device, compile_, crop) -> dict:
-    hiend = time_steps(preset, 3, batch, steps, warmup, device, compile_, crop)
-    mae = time_steps(preset, 0, batch, steps, warmup, device, compile_, crop)
-    return {"preset": preset, "hiend": hiend, "mae": mae, "hiend_over_mae_step_time": hiend["step_s"] / mae["step_s"]}
+    """B = 3 and B = 0, same encoder and batch, steps in turns (fair under background load); median times."""
+    steppers = {3: make_step(preset, 3, batch, device, compile_, crop),
+                0: make_step(preset, 0, batch, device, compile_, crop)}
+    for step in steppers.values():
+        for _ in range(warmup):
+            step()
+    times = {b: [] for b in steppers}
+    for _ in range(steps):
+        for b, step in steppers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[b].append(time.perf_counter() - t0)
+    out = {}
+    peak = peak_tflops(device)
+    for b, name in ((3, "hiend"), (0, "mae")):
+        dt = sorted(times[b])[len(times[b]) // 2]
+        gmacs = count(preset, b, crop)["total_gmacs"]
+        train_flops = 3 * 2 * gmacs * 1e9 * batch  # fwd + 2x bwd
+        r = {"preset": preset, "stages": b, "batch": batch, "crop": crop, "step_s": dt, "crops_per_s": batch / dt,
+             "fwd_gmacs_per_crop": gmacs, "model_tflops_per_s": train_flops / dt / 1e12,
+             "peak_mem_gib": None}
+        if peak:
+            r["mfu"] = train_flops / dt / (peak * 1e12)
+        out[name] = r
+    del steppers, step
+    for b, name in ((3, "hiend"), (0, "mae")):
+        out[name]["peak_mem_gib"] = peak_memory_gib(preset, b, batch, device, compile_, crop)
+    return {"preset": preset, **out, "hiend_over_mae_step_time": out["hiend"]["step_s"] / out["mae"]["step_s"]}
 
 
 def main(argv=None):
@@ -95,7 +122,7 @@ def main(argv=None):
         results.append(r)
         h, m = r["hiend"], r["mae"]
         mfu = f", MFU {h['mfu']:.1%} / {m['mfu']:.1%}" if "mfu" in h else ""
-        mem = f", peak {h['peak_mem_gib']:.1f} / {m['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in h else ""
+        mem = f", peak {h['peak_mem_gib']:.1f} / {m['peak_mem_gib']:.1f} GiB" if h["peak_mem_gib"] else ""
         print(f"{preset}: Hi-End-MAE {h['crops_per_s']:.2f} crops/s vs MAE {m['crops_per_s']:.2f} crops/s "
               f"(step time ratio {r['hiend_over_mae_step_time']:.3f}){mem}{mfu}", flush=True)
     print(json.dumps({"info": info, "results": results}))

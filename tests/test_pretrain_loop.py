@@ -26,6 +26,16 @@ CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--b
             "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """vit_tiny gains nothing from a second thread, and on a busy 2-core box OpenMP's spinning threads make
+    each step up to 40x slower; the killed CLI run below gets OMP_NUM_THREADS=1 to match (bitwise logs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def log_of(run: Path) -> list:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -74,7 +84,7 @@ def test_kill_and_resume_gives_the_uninterrupted_log(tree, tmp_path):
     cmd = [sys.executable, "-m", "himae_nnunet.cli", "pretrain", *CLI_TINY, "--steps", "400",
            "--checkpoint-every", "2", "--workers", "0", "--seed", "1"]
     proc = subprocess.Popen([*cmd, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 5:

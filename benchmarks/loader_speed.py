@@ -1,0 +1,107 @@
+"""Loader crops/s per worker: our pretraining loader vs the authors' MONAI pipeline, on the same real CTs.
+
+Both run in a torch DataLoader with one worker process (one thread), 96^3 crops, 8 crops per loaded volume;
+rounds alternate (ours, MONAI, ours, ...) so that background load on a shared machine hits both alike, and
+the median round counts. Ours reads the nnU-Net-preprocessed volumes (1.5 mm, [0, 1]) written once by
+`import-scans`; MONAI reads the NIfTI files of the same import (nnUNet_raw imagesTr) and resamples every time,
+as the authors' loader does. The one-off preparation time is reported separately.
+
+    python benchmarks/loader_speed.py --data ../shared/data --rounds 3 --volumes 14
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare(root: Path, data: Path) -> tuple[int, float]:
+    """Import every CT of `data` into a fresh nnU-Net tree under `root` (sets nnUNet_* there). (id, seconds)"""
+    from pretrain_speed import prepare_real_cts
+    t0 = time.perf_counter()
+    ds = prepare_real_cts(root, data)
+    return ds, time.perf_counter() - t0
+
+
+def raw_images(ds_id: int) -> list[Path]:
+    from himae_nnunet.nnunet_env import dataset_name
+    folder = Path(os.environ["nnUNet_raw"]) / str(dataset_name(ds_id)) / "imagesTr"
+    return sorted(folder.glob("*_0000.nii.gz"))
+
+
+def timed(loader, batches: int) -> float:
+    """crops/s over `batches` batches, after the first one (worker start-up, imports)."""
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    crops = 0
+    for _ in range(batches):
+        b = next(it)
+        crops += b["image"].shape[0]
+    dt = time.perf_counter() - t0
+    del it
+    return crops / dt
+
+
+def ours_round(ds_id: int, volumes: int, seed: int) -> float:
+    from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
+    dataset = CropDataset(find_sources([ds_id]), (96, 96, 96), 8, seed=seed, patch_size=16)
+    return timed(make_loader(dataset, StepBatches(0, volumes + 1, 1, 1), workers=1), volumes)
+
+
+def monai_round(files: list, volumes: int, seed: int) -> float:
+    import monai_loader
+    passes = -(-(volumes + 1) // len(files))
+    return timed(monai_loader.make_loader(files, workers=1, passes=passes, seed=seed), volumes)
+
+
+def compare(ds_id: int, rounds: int, volumes: int, monai_volumes: int) -> dict:
+    """Alternating rounds; medians of crops/s per worker; MONAI skipped (with the install line) if missing."""
+    import monai_loader
+    from tqdm import tqdm
+    why_not = monai_loader.missing()
+    files = raw_images(ds_id)
+    ours, theirs = [], []
+    for r in tqdm(range(rounds), desc="loader rounds", unit="round"):
+        ours.append(ours_round(ds_id, volumes, seed=r))
+        if not why_not:
+            theirs.append(monai_round(files, monai_volumes, seed=r))
+    out = {"cases": len(files), "workers": 1, "crop": 96, "crops_per_volume": 8, "rounds": rounds,
+           "ours_volumes_per_round": volumes, "ours_crops_per_s": statistics.median(ours), "ours_rounds": ours}
+    if why_not:
+        out.update(monai="skipped", monai_skipped_reason=why_not, loader_over_monai_crops_per_s=None)
+    else:
+        import monai
+        out.update(monai_version=monai.__version__, monai_volumes_per_round=monai_volumes,
+                   monai_crops_per_s=statistics.median(theirs), monai_rounds=theirs,
+                   loader_over_monai_crops_per_s=statistics.median(ours) / statistics.median(theirs))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the real CTs (read-only)")
+    ap.add_argument("--dataset", type=int, help="an already prepared dataset id (nnUNet_* set) instead of --data")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--volumes", type=int, default=14, help="volumes timed per round, ours")
+    ap.add_argument("--monai-volumes", type=int, default=7, help="volumes timed per round, MONAI")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds, prep_s = (args.dataset, None) if args.dataset else prepare(Path(tmp), Path(args.data))
+        res = compare(ds, args.rounds, args.volumes, args.monai_volumes)
+    res["prepare_s"] = prep_s
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
