@@ -188,6 +188,7 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
                 for k in nets}
     step_s = alternate(steppers, steps, 1, device)
 
+    plain.decoder.deep_supervision = False  # as nnU-Net's set_deep_supervision_enabled(False) for inference
     try:
         predictors = {k: nnunet_predictor(nets[k], plans, dataset_json, tiles[k], device) for k in nets}
         how = "nnunetv2 nnUNetPredictor.predict_sliding_window_return_logits"

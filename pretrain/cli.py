@@ -57,7 +57,8 @@ def register(sub) -> None:
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--checkpoint-every", type=int, default=500, help="write checkpoint_latest.pt every K steps")
     p.add_argument("--preview-every", type=int, help="PNG preview every K steps (default: --checkpoint-every; 0 off)")
-    p.add_argument("--log-every", type=int, default=1, help="log.jsonl / TensorBoard every K steps")
+    p.add_argument("--log-every", type=int, help="log.jsonl / TensorBoard every K steps (default 1 on CPU, 20 on "
+                                                 "CUDA, where each log point waits for the GPU once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--workers", type=int, default=4, help="loader worker processes per GPU/process (0: none)")

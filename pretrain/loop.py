@@ -48,7 +48,7 @@ class PretrainOptions:
     accumulate: int = 1
     checkpoint_every: int = 500
     preview_every: int | None = None  # default: checkpoint_every; 0 = never
-    log_every: int = 1
+    log_every: int | None = None  # default 1 on CPU, 20 on CUDA (each log point reads the GPU once)
     seed: int = 0
     device: str | None = None  # default cuda when available
     resume: bool = False
@@ -118,7 +118,7 @@ def build_config(o: PretrainOptions) -> dict:
 
 def check_options(o: PretrainOptions) -> None:
     for name in ("steps", "batch_volumes", "crops_per_volume", "accumulate", "checkpoint_every", "log_every"):
-        if getattr(o, name) < 1:
+        if getattr(o, name) is not None and getattr(o, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
     if o.warmup is not None and o.warmup < 0 or o.lr <= 0 or o.workers < 0:
         raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
@@ -179,7 +179,8 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
 
     torch.manual_seed(o.seed)
     model = HiEndMAE(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.steps, warmup, o.lr, o.min_lr))
     amp_dtype = None
@@ -200,6 +201,8 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     if stop <= start:
         raise UserError(f"--stop-at {o.stop_at} is not after the run's step {start}")
 
+    if o.log_every is None:
+        o = replace(o, log_every=20 if device.type == "cuda" else 1)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -249,14 +252,49 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     preview_every = o.checkpoint_every if o.preview_every is None else o.preview_every
     losses, t_start, step = [], time.perf_counter(), start
     batches, fixed = iter(loader), []
+    # per-step values stay on the device and are read in one sync at log/checkpoint points, so the host
+    # never waits for the GPU inside a step
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm)
+    t_window = time.perf_counter()
+
+    def flush(done: int) -> bool:
+        """Read the pending steps' values; log them; stop on a non-finite loss. Returns the stop flag."""
+        nonlocal t_window
+        flag = torch.tensor([float(stop_flag.set)], device=device)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not pending:
+            return bool(flag.item())
+        values = torch.stack([torch.stack([lv, gn.float()]) for _, _, lv, gn in pending]).tolist()
+        speed = crops_per_step * len(pending) / (time.perf_counter() - t_window)
+        t_window = time.perf_counter()
+        for (s, lr, _, _), (loss_value, grad_norm) in zip(pending, values):
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(
+                    f"the loss became {loss_value} at step {s}; training stopped. {last_good(out, main)} "
+                    f"Lower --lr, set --clip-grad, or check the data, then continue with --resume")
+            losses.append(loss_value)
+            if main and (s % o.log_every == 0 or s == done):
+                rec = {"step": s, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                       "crops_per_s": round(speed, 2), "elapsed_s": round(time.perf_counter() - t_start, 2)}
+                log.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    for k in ("loss", "lr", "grad_norm", "crops_per_s"):
+                        writer.add_scalar(f"pretrain/{k}", rec[k], s)
+        if main:
+            log.flush()
+            pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]:.2e}", crops_s=f"{speed:.1f}",
+                             refresh=False)
+        pending.clear()
+        return bool(flag.item())
+
     with StopFlag() as stop_flag:
         try:
             for step in range(start, stop):
-                t0 = time.perf_counter()
                 net.train()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
-                loss_value = 0.0
+                loss_sum = torch.zeros((), device=device)
                 for micro in range(o.accumulate):
                     batch = fixed[micro] if len(fixed) == o.accumulate else next(batches)
                     if o.fixed_batch and len(fixed) < o.accumulate:
@@ -271,48 +309,34 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                     with sync:
                         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             loss = fwd(x, shuffle_indices=perm).loss
-                        value = loss.detach().float().reshape(1)
-                        if world > 1:
-                            dist.all_reduce(value)
-                            value /= world
-                        if not torch.isfinite(value).all():
-                            raise NonFiniteLoss(
-                                f"the loss became {value.item()} at step {step + 1}; training stopped. "
-                                f"{last_good(out, main)} Lower --lr, set --clip-grad, or check the data, "
-                                f"then continue with --resume")
                         scaler.scale(loss / o.accumulate).backward()
-                    loss_value += value.item() / o.accumulate
+                    loss_sum += loss.detach().float() / o.accumulate
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
+                # a non-finite loss is caught at the next flush, which always comes before a checkpoint is
+                # written: damaged weights are never saved
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 done = step + 1
-                losses.append(loss_value)
-                flag = torch.tensor([float(stop_flag.set)])
-                if world > 1:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                speed = crops_per_step / (time.perf_counter() - t0)
+                pending.append((done, lr, loss_sum, grad_norm))
                 if main:
-                    if done % o.log_every == 0 or done == stop or flag.item():
-                        rec = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                               "crops_per_s": round(speed, 2), "elapsed_s": round(time.perf_counter() - t_start, 2)}
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
-                        if writer is not None:
-                            for k in ("loss", "lr", "grad_norm", "crops_per_s"):
-                                writer.add_scalar(f"pretrain/{k}", rec[k], done)
                     pbar.update(1)
-                    pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", crops_s=f"{speed:.1f}", refresh=False)
-                if done % o.checkpoint_every == 0 or done == stop or flag.item():
+                at_checkpoint = done % o.checkpoint_every == 0 or done == stop
+                at_preview = main and preview_every and (done % preview_every == 0 or done == o.steps)
+                stopping = False
+                if done % o.log_every == 0 or at_checkpoint or at_preview:
+                    stopping = flush(done)
+                if at_checkpoint or stopping:
                     save(out / LATEST, done, with_state=True)
-                if main and preview_every and (done % preview_every == 0 or done == o.steps):
+                if at_preview:
                     from .preview import save_preview
                     save_preview(model, x[:1], perm[:1], out / "previews" / f"step_{done:07d}.png",
                                  f"{o.method} step {done}")
-                if world > 1:
-                    dist.barrier()
-                if flag.item():
+                if stopping:
                     stop = done
                     break
             if stop == o.steps:

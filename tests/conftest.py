@@ -10,7 +10,8 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 FIXTURES = SHARED / "fixtures"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: tiny models on a busy 2-core box run far faster than with two competing threads
+torch.set_num_threads(1)
 
 
 def need_shared(path: Path = SHARED) -> Path:
