@@ -172,7 +172,7 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
     if quick:  # 2-core CPU: small tiles, batch 1, a crop of the case
         plain_tile = unetr_tile = [64, 64, 64]
         batch = 1
-        shape_iso, shape_nn = [min(s, 128) for s in shape_iso], [min(s, 128) for s in shape_nn]
+        shape_iso, shape_nn = [min(s, 96) for s in shape_iso], [min(s, 96) for s in shape_nn]
     torch.manual_seed(0)
     nets = {"nnunet_plainconvunet": plain_conv_unet(plans, 1, classes),
             f"unetr_{unetr_preset}": unetr(unetr_preset, unetr_tile, 1, classes)}
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--unetr-preset", default="vit_b12_1536")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="64^3 tiles, batch 1, case cropped to 128^3")
+    ap.add_argument("--quick", action="store_true", help="64^3 tiles, batch 1, case cropped to 96^3")
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args(argv)
     res = run(json.loads(Path(args.inputs).read_text()), torch.device(args.device), args.unetr_preset,

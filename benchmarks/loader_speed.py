@@ -1,10 +1,13 @@
 """Loader crops/s per worker: our pretraining loader vs the authors' MONAI pipeline, on the same real CTs.
 
-Both run in a torch DataLoader with one worker process (one thread), 96^3 crops, 8 crops per loaded volume;
+Both run as one loader process would in a DataLoader worker: in-process (num_workers=0, so no prefetched
+batches bias the clock), one torch thread, one blosc2 thread; 96^3 crops, 8 crops per loaded volume;
 rounds alternate (ours, MONAI, ours, ...) so that background load on a shared machine hits both alike, and
 the median round counts. Ours reads the nnU-Net-preprocessed volumes (1.5 mm, [0, 1]) written once by
 `import-scans`; MONAI reads the NIfTI files of the same import (nnUNet_raw imagesTr) and resamples every time,
-as the authors' loader does. The one-off preparation time is reported separately.
+as the authors' loader does. The one-off preparation time is reported separately. A second MONAI figure
+keeps every volume after CropForeground in RAM (CacheDataset, filling not timed): only the random part
+(RandCropByPosNegLabel with its foreground/background search, flips, rotations, intensity) runs per batch.
 
     python benchmarks/loader_speed.py --data ../shared/data --rounds 3 --volumes 14
 """
@@ -15,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +41,20 @@ def raw_images(ds_id: int) -> list[Path]:
     return sorted(folder.glob("*_0000.nii.gz"))
 
 
+@contextmanager
+def one_thread():
+    """What a loader worker gets (pretrain/data.py _worker_init); restored afterwards."""
+    import blosc2
+    old = torch.get_num_threads(), blosc2.nthreads
+    torch.set_num_threads(1)
+    blosc2.set_nthreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        blosc2.set_nthreads(old[1])
+
+
 def timed(loader, batches: int) -> float:
     """crops/s over `batches` batches, after the first one (worker start-up, imports)."""
     it = iter(loader)
@@ -54,13 +72,13 @@ def timed(loader, batches: int) -> float:
 def ours_round(ds_id: int, volumes: int, seed: int) -> float:
     from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
     dataset = CropDataset(find_sources([ds_id]), (96, 96, 96), 8, seed=seed, patch_size=16)
-    return timed(make_loader(dataset, StepBatches(0, volumes + 1, 1, 1), workers=1), volumes)
+    return timed(make_loader(dataset, StepBatches(0, volumes + 1, 1, 1), workers=0), volumes)
 
 
-def monai_round(files: list, volumes: int, seed: int) -> float:
+def monai_round(files: list, volumes: int, seed: int, cached: bool = False) -> float:
     import monai_loader
     passes = -(-(volumes + 1) // len(files))
-    return timed(monai_loader.make_loader(files, workers=1, passes=passes, seed=seed), volumes)
+    return timed(monai_loader.make_loader(files, workers=0, passes=passes, seed=seed, cached=cached), volumes)
 
 
 def compare(ds_id: int, rounds: int, volumes: int, monai_volumes: int) -> dict:
@@ -69,11 +87,13 @@ def compare(ds_id: int, rounds: int, volumes: int, monai_volumes: int) -> dict:
     from tqdm import tqdm
     why_not = monai_loader.missing()
     files = raw_images(ds_id)
-    ours, theirs = [], []
-    for r in tqdm(range(rounds), desc="loader rounds", unit="round"):
-        ours.append(ours_round(ds_id, volumes, seed=r))
-        if not why_not:
-            theirs.append(monai_round(files, monai_volumes, seed=r))
+    ours, theirs, cached = [], [], []
+    with one_thread():
+        for r in tqdm(range(rounds), desc="loader rounds", unit="round"):
+            ours.append(ours_round(ds_id, volumes, seed=r))
+            if not why_not:
+                theirs.append(monai_round(files, monai_volumes, seed=r))
+                cached.append(monai_round(files, volumes, seed=r, cached=True))
     out = {"cases": len(files), "workers": 1, "crop": 96, "crops_per_volume": 8, "rounds": rounds,
            "ours_volumes_per_round": volumes, "ours_crops_per_s": statistics.median(ours), "ours_rounds": ours}
     if why_not:
@@ -82,7 +102,9 @@ def compare(ds_id: int, rounds: int, volumes: int, monai_volumes: int) -> dict:
         import monai
         out.update(monai_version=monai.__version__, monai_volumes_per_round=monai_volumes,
                    monai_crops_per_s=statistics.median(theirs), monai_rounds=theirs,
-                   loader_over_monai_crops_per_s=statistics.median(ours) / statistics.median(theirs))
+                   loader_over_monai_crops_per_s=statistics.median(ours) / statistics.median(theirs),
+                   monai_cached_crops_per_s=statistics.median(cached), monai_cached_rounds=cached,
+                   loader_over_monai_cached_crops_per_s=statistics.median(ours) / statistics.median(cached))
     return out
 
 
@@ -91,10 +113,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the real CTs (read-only)")
     ap.add_argument("--dataset", type=int, help="an already prepared dataset id (nnUNet_* set) instead of --data")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--volumes", type=int, default=14, help="volumes timed per round, ours")
+    ap.add_argument("--volumes", type=int, default=28, help="volumes timed per round, ours and MONAI cached")
     ap.add_argument("--monai-volumes", type=int, default=7, help="volumes timed per round, MONAI")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         ds, prep_s = (args.dataset, None) if args.dataset else prepare(Path(tmp), Path(args.data))
         res = compare(ds, args.rounds, args.volumes, args.monai_volumes)

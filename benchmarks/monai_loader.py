@@ -23,6 +23,8 @@ def missing() -> str | None:
 
 
 def authors_transforms(crop: int = 96, samples: int = 8, spacing: float = 1.5, window=(-175.0, 250.0)):
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")  # Orientationd labels notice
     from monai import transforms as T
     keys = ["image"]
     return T.Compose([
@@ -45,13 +47,23 @@ def authors_transforms(crop: int = 96, samples: int = 8, spacing: float = 1.5, w
     ])
 
 
-def make_loader(files: list, workers: int, passes: int, seed: int = 0, crop: int = 96, samples: int = 8):
-    """DataLoader over `passes` x `files` (one batch = one volume's `samples` crops), as the authors batch it."""
-    from monai.data import DataLoader, Dataset
+def make_loader(files: list, workers: int, passes: int, seed: int = 0, crop: int = 96, samples: int = 8,
+                cached: bool = False):
+    """DataLoader over `passes` x `files` (one batch = one volume's `samples` crops), as the authors batch it.
+
+    cached: CacheDataset keeps every volume after CropForeground in RAM (filled here, not timed), so only
+    the random crops and augmentation run per batch; the authors' setting is the plain Dataset."""
+    import torch
+    from monai.data import CacheDataset, DataLoader, Dataset
     from monai.utils import set_determinism
     set_determinism(seed)
-    data = [{"image": str(f)} for _ in range(passes) for f in files]
-    ds = Dataset(data, transform=authors_transforms(crop, samples))
+    data = [{"image": str(f)} for f in files]
+    if cached:
+        ds = CacheDataset(data, transform=authors_transforms(crop, samples), cache_rate=1.0, num_workers=1,
+                          progress=False)
+    else:
+        ds = Dataset(data, transform=authors_transforms(crop, samples))
+    ds = torch.utils.data.ConcatDataset([ds] * passes)
     return DataLoader(ds, batch_size=1, shuffle=False, num_workers=workers, worker_init_fn=_one_thread,
                       prefetch_factor=2 if workers else None)
 

@@ -1,5 +1,10 @@
 """himae-nnunet: Hi-End-MAE self-supervised pretraining and UNETR fine-tuning inside nnU-Net v2."""
+import warnings
+
 __version__ = "0.1.0"
+
+# timm's import (through nnU-Net's network package too) triggers torch's torch.jit.interface notice: noise
+warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -6,13 +6,16 @@ A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads:
 window, method, stages, mask ratio, step, data used, package version.
 """
 import hashlib
+import io
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+from . import faults
 from .errors import UserError
 from .models.hiend_mae import HiEndMAE
 from .models.presets import PRESETS, ConfigError, model_config
@@ -22,6 +25,7 @@ FORMAT = "himae-nnunet"
 FORMAT_VERSION = 1
 DEFAULT_SPACING = (1.5, 1.5, 1.5)
 DEFAULT_WINDOW = (-175.0, 250.0)
+TMP_PREFIX = "."  # temporary files: .NAME.tmpPID beside NAME
 
 
 class CheckpointError(UserError):
@@ -86,16 +90,55 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict, extra
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}
     if extra:
         payload.update(extra)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            if faults.kill_in_checkpoint_write(meta.get("step")):  # tests: kill -9 with half the file written
+                buf = io.BytesIO()
+                torch.save(payload, buf)
+                f.write(buf.getbuffer()[:buf.tell() // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                faults.die()
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # full disk, read-only or vanished folder; torch's zip writer says RuntimeError
+        kept = (f"the previous {path.name} is kept unchanged" if path.is_file() else
+                f"no {path.name} was written")
+        raise CheckpointError(f"cannot write the checkpoint {path} ({write_error_reason(e, path.parent)}); "
+                              f"{kept} and no partial file is left") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def write_error_reason(e: Exception, folder: Path) -> str:
+    """One line for a failed write: the OS reason, or (torch hides it in a RuntimeError) the free space."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {e.strerror}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return f"no space left on device: {free} bytes free in {folder}"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else 'no detail'}"
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Delete temporary checkpoint files left by a process killed while writing (kill -9, power loss)."""
+    removed = []
+    for f in Path(folder).glob(f"{TMP_PREFIX}*.pt.tmp*"):
+        try:
+            f.unlink()
+            removed.append(f.name)
+        except OSError:
+            pass
+    return removed
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -17,7 +17,7 @@ from .errors import UserError
 DATASET_ID = 990
 DATASET = f"Dataset{DATASET_ID}_HiEndDemo"
 PLANS = "nnUNetPlans_himae"
-TRAINERS = {"Hi-End-MAE": "nnUNetTrainerHiEndMAE_demo", "scratch UNETR": "nnUNetTrainerUNETR_demo"}
+TRAINERS = {"Hi-End-MAE": "nnUNetTrainerHiEndMAE", "scratch UNETR": "nnUNetTrainerUNETR"}
 
 
 class StageFailed(UserError):
@@ -25,8 +25,9 @@ class StageFailed(UserError):
 
 
 class Demo:
-    def __init__(self, workdir: Path, device: str, data: Path | None, steps: int):
+    def __init__(self, workdir: Path, device: str, data: Path | None, steps: int, epochs: int, iterations: int):
         self.work, self.device, self.data, self.steps = workdir.resolve(), device, data, steps
+        self.epochs, self.iterations = epochs, iterations
         self.logs = self.work / "logs"
         self.figures = self.work / "figures"
         self.times: dict[str, float] = {}
@@ -55,6 +56,15 @@ class Demo:
             raise StageFailed(f"stage '{name}' failed (exit code {proc.returncode}); see {log}")
 
     def main(self) -> dict:
+        marker = self.work / ".himae_demo"
+        if self.work.exists() and any(self.work.iterdir()):
+            if not marker.exists():
+                raise UserError(f"--workdir {self.work} exists and holds files the demo did not write; give an "
+                                f"empty or new folder")
+            print(f"removing the previous demo run in {self.work}")
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        marker.touch()
         for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "logs", "figures", "predictions"):
             (self.work / d).mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -70,12 +80,14 @@ class Demo:
                                 "--model", "vit_tiny", "--crop-size", "64", "--steps", str(self.steps),
                                 "--warmup", str(max(1, self.steps // 10)), "--lr", "1e-3", "--batch-volumes", "2",
                                 "--crops-per-volume", "4", "--checkpoint-every", str(max(1, self.steps // 2)),
-                                "--workers", "1", "--device", self.device, "--resume"]),
+                                "--workers", "1", "--device", self.device]),
             ("nnU-Net planning", nn("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", "3d_fullres",
                                                                        "-np", "2", "--verify_dataset_integrity"]),
             ("ViT plans", exe + ["plan", str(DATASET_ID), "--checkpoint", str(ckpt), "--plans-name", PLANS,
                                  "--patch-size", "64", "64", "64", "--batch-size", "2", "--feature-size", "16",
-                                 "--preprocess", "-np", "2", "--overwrite"]),
+                                 "--epochs", str(self.epochs), "--iterations-per-epoch", str(self.iterations),
+                                 "--lr", "3e-4", "--no-tta-mirroring", "--preprocess", "-np", "2",
+                                 "--overwrite"]),
         ]
         for label, trainer in TRAINERS.items():
             stages.append((f"train {label}", nn("nnUNetv2_train") + [str(DATASET_ID), "3d_fullres", "0", "-tr", trainer,
@@ -113,8 +125,11 @@ def register(sub) -> None:
     p.add_argument("--data", help="your own labelled scans instead of the synthetic ones: a folder with "
                                   "imagesTr/labelsTr/imagesTs/labelsTs and dataset.json in nnU-Net's raw format")
     p.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per network (default 10)")
+    p.add_argument("--iterations", type=int, default=25, help="fine-tuning iterations per epoch (default 25)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> None:
-    Demo(Path(args.workdir), args.device, Path(args.data) if args.data else None, args.steps).main()
+    Demo(Path(args.workdir), args.device, Path(args.data) if args.data else None, args.steps, args.epochs,
+         args.iterations).main()

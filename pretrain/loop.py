@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import load_strict, make_meta, save_checkpoint
+from .. import faults
+from ..checkpoints import CheckpointError, load_strict, make_meta, remove_stale_temporaries, save_checkpoint
 from ..errors import UserError
 from ..models.hiend_mae import HiEndMAE
 from ..models.presets import model_config
 from .data import CropDataset, StepBatches, find_sources, make_loader
-from .run_state import (FINAL, LATEST, LOG, _jsonable, check_output, last_good, open_log, restore_training,
-                        rng_state, set_rng_state)
+from .run_state import (FINAL, LATEST, LOG, _jsonable, check_output, check_writable, elastic_restart_of_this_run,
+                        last_good, launch_info, open_log, restore_training, rng_state, set_rng_state)
 
 # DDP notes that the patch-embedding grad (C = 1) has another stride on its size-1 axis: same memory layout
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
@@ -156,6 +157,11 @@ def run_pretraining(o: PretrainOptions) -> dict:
     rank, world, device, started = setup_distributed(o.device)
     try:
         return _train(o, rank, world, device)
+    except OSError as e:  # full disk, vanished or read-only folder, ...: one message, the checkpoint is kept
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise UserError(f"input/output error{where}: {type(e).__name__}: {e.strerror or e}; training stopped. "
+                        f"{last_good(Path(o.output), rank == 0)} Free space or fix the folder, then continue with "
+                        f"the same command plus --resume") from None
     finally:
         if started:
             dist.destroy_process_group()
@@ -168,11 +174,24 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
     sources = find_sources(o.datasets, o.weights, o.plans_name, o.skip_bad_cases)
     # ids, names, ints or strings: store resolved names and float weights so that --resume compares like with like
     o = replace(o, datasets=[s.name for s in sources], weights=[float(w) for w in o.weights] if o.weights else None)
-    ckpt = check_output(out, o.resume)
-    if world > 1:
-        dist.barrier()  # every rank checked the folder before rank 0 writes into it
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
+    resume = o.resume
+    if not resume:  # restarted by torchrun (--max-restarts): continue this job's own run
+        auto = [elastic_restart_of_this_run(out) if main else False]
+        if world > 1:
+            dist.broadcast_object_list(auto, src=0)
+        if auto[0]:
+            say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing the run in {out}")
+            resume = True
+    ckpt = check_output(out, resume, say)
+    check_writable(out)
+    if world > 1:
+        dist.barrier()  # every rank checked the folder before rank 0 writes into it
+    if main:
+        for name in remove_stale_temporaries(out):
+            say(f"removed {out / name}: a checkpoint write cut off by a killed process (the checkpoint it would "
+                f"have replaced is intact)")
     for s in sources:
         for msg in s.skipped:
             say(f"skipping bad case {msg}")
@@ -231,8 +250,8 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
         options = {k: _jsonable(v) for k, v in asdict(o).items()}
         if start == 0:
             (out / "config.json").write_text(json.dumps({"options": options, "model": config,
-                                                         "world_size": world, "data": data_desc}, indent=2,
-                                                        default=list))
+                                                         "world_size": world, "data": data_desc,
+                                                         "launch": launch_info()}, indent=2, default=list))
         log = open_log(out / LOG, start)
         writer = tensorboard_writer(out, o.tensorboard)
         from tqdm import tqdm
@@ -247,7 +266,11 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                   "rng": rng_state(), "options": {k: _jsonable(v) for k, v in asdict(o).items()},
                                   "world_size": world, "global_volumes": global_volumes}}
-        save_checkpoint(path, model.state_dict(), make_meta(config, step=step, **meta_args), extra)
+        try:
+            save_checkpoint(path, model.state_dict(), make_meta(config, step=step, **meta_args), extra)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}.\nTraining stopped at step {step}. {last_good(out, main)} Free space (or fix "
+                                  f"the folder), then continue with the same command plus --resume") from None
 
     preview_every = o.checkpoint_every if o.preview_every is None else o.preview_every
     losses, t_start, step = [], time.perf_counter(), start
@@ -300,7 +323,8 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                     if o.fixed_batch and len(fixed) < o.accumulate:
                         fixed.append(batch)
                     if batch["error"]:
-                        raise UserError(batch["error"])
+                        raise UserError(f"{batch['error']}\nTraining stopped at step {step + 1}. "
+                                        f"{last_good(out, main)} Continue with the same command plus --resume")
                     for msg in batch["skipped"]:
                         say(f"\nskipped bad case {msg}")
                     x = batch["image"].to(device, non_blocking=True)
@@ -322,6 +346,7 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                 scaler.update()
                 scheduler.step()
                 done = step + 1
+                faults.maybe_kill_at_step(done)  # tests only (HIMAE_FAULT_KILL_AT_STEP); a no-op otherwise
                 pending.append((done, lr, loss_sum, grad_norm))
                 if main:
                     pbar.update(1)
@@ -343,10 +368,12 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                 save(out / FINAL, o.steps, with_state=False)
         finally:
             if main:
-                pbar.close()
-                log.close()
-                if writer is not None:
-                    writer.close()
+                for closing in (pbar, log, writer):
+                    try:
+                        if closing is not None:
+                            closing.close()
+                    except OSError:  # e.g. a full disk: the error that stopped the run is the one to report
+                        pass
     if stop == o.steps:
         say(f"done: {out / FINAL} (step {o.steps}); log {out / LOG}")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ def set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def check_output(out: Path, resume: bool):
+def check_output(out: Path, resume: bool, say=print):
     """Refuse to mix runs; returns the checkpoint to resume from (or None)."""
     existing = [n for n in (LATEST, FINAL, LOG) if (out / n).exists()]
     if not resume:
@@ -50,8 +51,52 @@ def check_output(out: Path, resume: bool):
                             f"continue it, or choose another --output")
         return None
     if not (out / LATEST).is_file():
+        if (out / LOG).is_file() and not (out / FINAL).exists():  # killed before its first checkpoint
+            say(f"note: {out} holds no checkpoint yet (the run stopped before its first one); starting at step 0")
+            return None
         raise UserError(f"--resume: {out / LATEST} does not exist; start without --resume")
     return read_checkpoint(out / LATEST)
+
+
+def check_writable(out: Path) -> None:
+    """Create the run folder and write a probe file: a read-only, full or impossible --output fails here,
+    before any data is loaded, instead of at the first checkpoint."""
+    probe = out / f".write_test.{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"himae-nnunet write test\n")
+        probe.unlink()
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"cannot write into the output folder {out} ({type(e).__name__}: {e.strerror or e}); "
+                        f"choose another --output, or free space / fix its permissions") from None
+
+
+def launch_info() -> dict | None:
+    """Who started this process under torchrun: its agent (parent) process, host and run id; None otherwise."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return {"run_id": os.environ["TORCHELASTIC_RUN_ID"], "agent_pid": os.getppid(), "host": socket.gethostname()}
+
+
+def elastic_restart_of_this_run(out: Path) -> bool:
+    """True when torchrun restarted this job (TORCHELASTIC_RESTART_COUNT > 0) and the run folder was started by
+    the same torchrun agent (config.json's launch block): then the job continues its own run automatically.
+    A folder that held another run before the job started is never continued without --resume."""
+    try:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return False
+    if restarts < 1 or not (out / "config.json").is_file():
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text()).get("launch")
+    except (OSError, json.JSONDecodeError):
+        return False
+    return saved is not None and saved == launch_info()
 
 
 def restore_training(ckpt: dict, o: PretrainOptions, global_volumes: int) -> dict:

@@ -1,5 +1,4 @@
 """Shared test fixtures: the real scans of ../shared/data and throwaway nnU-Net folder trees."""
-import os
 from pathlib import Path
 
 import pytest

@@ -3,15 +3,11 @@
 Token order follows the authors' code: patches ordered (gh, gw, gd), h-major; values inside a patch
 ordered (ph, pw, pd, c). Blocks are timm's pre-norm ViT blocks (LayerNorm eps 1e-6, qkv bias, GELU).
 """
-import warnings
 from functools import partial
 
 import torch
 from torch import nn
-
-# timm's import of hrnet triggers torch's torch.jit.interface deprecation notice: noise for our users
-warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)
-from timm.models.vision_transformer import Block  # noqa: E402
+from timm.models.vision_transformer import Block
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
