@@ -160,7 +160,8 @@ def tile_count(shape, tile) -> int:
     return int(np.prod([math.ceil((max(s, t) - t) / (t * 0.5)) + 1 for s, t in zip(shape, tile)]))
 
 
-def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, steps: int, compile_: bool) -> dict:
+def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, steps: int, compile_: bool,
+        quick_tile: int = 64) -> dict:
     plans, dataset_json = inputs["plans"], inputs["dataset_json"]
     classes = len(dataset_json["labels"])
     cfg = plans["configurations"][CONFIG]
@@ -169,10 +170,10 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
     shape_iso = list(inputs["case_shape"])  # at 1.5 mm, z y x: our plans' grid
     tf = plans.get("transpose_forward", [0, 1, 2])
     shape_nn = [round(shape_iso[tf[i]] * 1.5 / cfg["spacing"][i]) for i in range(3)]  # nnUNetPlans' grid
-    if quick:  # 2-core CPU: small tiles, batch 1, a crop of the case
-        plain_tile = unetr_tile = [64, 64, 64]
-        batch = 1
-        shape_iso, shape_nn = [min(s, 96) for s in shape_iso], [min(s, 96) for s in shape_nn]
+    if quick:  # 2-core CPU: small tiles, batch 1, a crop of the case (2 x 2 x 2 tiles)
+        plain_tile = unetr_tile = [quick_tile] * 3
+        batch, edge = 1, quick_tile * 3 // 2
+        shape_iso, shape_nn = [min(s, edge) for s in shape_iso], [min(s, edge) for s in shape_nn]
     torch.manual_seed(0)
     nets = {"nnunet_plainconvunet": plain_conv_unet(plans, 1, classes),
             f"unetr_{unetr_preset}": unetr(unetr_preset, unetr_tile, 1, classes)}

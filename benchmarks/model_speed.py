@@ -98,8 +98,8 @@ def compare(preset, batch, steps, warmup, device, compile_, crop) -> dict:
             r["mfu"] = train_flops / dt / (peak * 1e12)
         out[name] = r
     del steppers, step
-    for b, name in ((3, "hiend"), (0, "mae")):
-        out[name]["peak_mem_gib"] = peak_memory_gib(preset, b, batch, device, compile_, crop)
+    for b, name in ((3, "hiend"), (0, "mae")):  # eager only: a compiled model would compile again here
+        out[name]["peak_mem_gib"] = None if compile_ else peak_memory_gib(preset, b, batch, device, False, crop)
     return {"preset": preset, **out, "hiend_over_mae_step_time": out["hiend"]["step_s"] / out["mae"]["step_s"]}
 
 

@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "himae_nnunet.pretrain.cli",  # prepare-pretrain, import-scans, pretrain
     "himae_nnunet.cli_finetune",  # plan, split, ext-trainer-path, export-pretrained, train, predict
     "himae_nnunet.analysis.cli",  # analyze rank|attention|reconstruct
-    "himae_nnunet.demo",  # demo: the whole workflow on synthetic CT
+    "himae_nnunet.demo",  # demo, make-synthetic
 ]
 
 

@@ -129,6 +129,27 @@ def register(sub) -> None:
     p.add_argument("--iterations", type=int, default=25, help="fine-tuning iterations per epoch (default 25)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("make-synthetic", help="write a small synthetic labelled CT dataset in nnU-Net's raw format")
+    p.add_argument("--dataset-id", type=int, default=DATASET_ID)
+    p.add_argument("--name", default="HiEndDemo")
+    p.add_argument("--cases", type=int, default=8, help="training scans (default 8)")
+    p.add_argument("--test-cases", type=int, default=2, help="test scans with labels (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="raw folder (default $nnUNet_raw)")
+    p.set_defaults(func=cmd_make_synthetic)
+
+
+def cmd_make_synthetic(args) -> None:
+    from .nnunet_env import require_folder
+    from .synthetic import write_dataset
+    raw = Path(args.output) if args.output else require_folder("nnUNet_raw")
+    existing = sorted(raw.glob(f"Dataset{args.dataset_id:03d}_*"))
+    if existing:
+        raise UserError(f"dataset id {args.dataset_id} is taken by {existing[0]}; choose another --dataset-id")
+    folder = write_dataset(raw, args.dataset_id, args.name, args.cases, args.test_cases, args.seed)
+    print(f"wrote {folder}: {args.cases} training scans (imagesTr/labelsTr), {args.test_cases} test scans "
+          f"(imagesTs/labelsTs); labels 1 liver, 2 spleen, 3 kidney")
+
 
 def cmd_demo(args) -> None:
     Demo(Path(args.workdir), args.device, Path(args.data) if args.data else None, args.steps, args.epochs,

@@ -101,9 +101,22 @@ def setup_distributed(device: str | None):
         torch.cuda.set_device(dev)
     started = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", **elastic_store(rank, world))
         started = True
     return rank, world, dev, started
+
+
+def elastic_store(rank: int, world: int) -> dict:
+    """Under torchrun the workers share the agent's TCP store, and it outlives a restart: the process group of
+    a restarted attempt would read the dead attempt's addresses under the same keys (gloo: 'Connection
+    refused' at init). A prefix per attempt keeps them apart. {} outside torchrun (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dict(store=dist.PrefixStore(f"himae_attempt_{attempt}", store), rank=rank, world_size=world)
 
 
 def build_config(o: PretrainOptions) -> dict:

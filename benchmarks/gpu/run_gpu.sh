@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one command, on a bare GPU machine (Python 3.12 + torch + timm + scipy; no nnunetv2,
+# no network). Installs the carried wheels of gpu_carry/ (see benchmarks/gpu/README.md) into a private
+# folder, then runs benchmarks/run.py: pretraining model speed / MFU per preset (+ torch.compile for
+# vit_b12_1536) and fine-tuning speed (UNETR vs nnU-Net's PlainConvUNet). The loader part (CPU-bound, needs
+# the real CTs) is not run here: `python benchmarks/run.py` measures it on any machine with ../shared/data.
+# Results: OUT_DIR/benchmark_results.json, run_log.txt, nvidia-smi.txt (OUT_DIR: --out, else $OUT, else
+# runs/benchmarks_gpu). About 3-5 minutes on one H100/H200; stopped at 7.5 minutes (partial results kept).
+#
+#   bash benchmarks/gpu/run_gpu.sh                          # on the GPU machine, from the repository root
+#   bash benchmarks/gpu/run_gpu.sh --device cpu --quick     # dry run of the same path on a CPU
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+device=cuda
+out_dir="${OUT:-runs/benchmarks_gpu}"
+extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) device="$2"; shift 2 ;;
+    --out) out_dir="$2"; shift 2 ;;
+    --quick) extra+=(--quick); shift ;;
+    *) extra+=("$1"); shift ;;  # passed on to run.py
+  esac
+done
+py="${PYTHON:-python3}"
+limit_s="${BENCH_LIMIT_S:-450}"
+site="${BENCH_SITE:-/tmp/himae_bench_site}"
+mkdir -p "$out_dir"
+log="$out_dir/run_log.txt"
+
+shopt -s nullglob
+wheels=(gpu_carry/*.whl)
+if [[ ${#wheels[@]} -gt 0 ]]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
+  echo "installed ${#wheels[@]} carried wheels into $site" | tee "$log"
+else
+  echo "no gpu_carry/*.whl: the fine-tuning part needs dynamic_network_architectures and nnunetv2" | tee "$log"
+fi
+export PYTHONPATH=".:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 nnUNet_compile=f
+# the package travels as source (not installed): check it imports without nnunetv2/SimpleITK
+"$py" -c "import himae_nnunet.models, himae_nnunet.flops" 2>&1 | tee -a "$log"
+
+if [[ "$device" == cuda ]]; then
+  nvidia-smi > "$out_dir/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" | tee -a "$log"
+fi
+status=0
+timeout --signal=INT --kill-after=20 "$limit_s" \
+  "$py" benchmarks/run.py --device "$device" --out "$out_dir" --parts finetune model "${extra[@]}" \
+  2>&1 | tee -a "$log" || status=$?
+echo "run.py exit status $status; results in $out_dir" | tee -a "$log"
+exit "$status"
