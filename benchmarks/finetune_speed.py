@@ -150,7 +150,7 @@ def sliding_window(net, tile, classes: int, device):
                         sl = (slice(a, a + tile[0]), slice(b, b + tile[1]), slice(c, c + tile[2]))
                         out = net(image[(slice(None), *sl)][None])
                         out = out[0] if isinstance(out, (list, tuple)) else out
-                        logits[(slice(None), *sl)] += out[0].to(torch.half) * g
+                        logits[(slice(None), *sl)] += out[0].float() * g
                         weight[sl] += g
         return logits / weight
     return run
@@ -187,7 +187,7 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
         nets = {k: torch.compile(v) for k, v in nets.items()}
     steppers = {k: train_stepper(nets[k], *optims[k], batch, tiles[k], classes, device, cfg.get("batch_dice", False))
                 for k in nets}
-    step_s = alternate(steppers, steps, 1, device)
+    step_s = alternate(steppers, steps, 0 if quick else 1, device)  # quick: the no-grad pass above warms up
 
     plain.decoder.deep_supervision = False  # as nnU-Net's set_deep_supervision_enabled(False) for inference
     try:

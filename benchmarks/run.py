@@ -74,7 +74,7 @@ def part(name: str, results: dict, fn, out: Path):
 
 def model_part(args) -> dict:
     import model_speed
-    out = {"batch": args.batch, "steps": args.steps, "compile": args.compile, "results": []}
+    out = {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "results": []}
     for preset in args.presets:
         r = model_speed.compare(preset, args.batch, args.steps, args.warmup, args.device, False, 96)
         out["results"].append(r)

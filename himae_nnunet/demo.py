@@ -70,7 +70,8 @@ class Demo:
         t0 = time.time()
         raw = self.make_raw_dataset()
         exe = [sys.executable, "-m", "himae_nnunet.cli"]
-        nn = lambda tool: [shutil.which(tool) or tool]  # noqa: E731
+        bindir = Path(sys.executable).parent  # nnU-Net's commands sit beside our interpreter, even unactivated
+        nn = lambda tool: [str(bindir / tool) if (bindir / tool).exists() else shutil.which(tool) or tool]  # noqa
         pretrain_dir = self.work / "pretrain"
         ckpt = pretrain_dir / "checkpoint_final.pt"
         stages = [

@@ -77,9 +77,19 @@ def find_sources(datasets, weights=None, plans_name: str | None = None, skip_bad
         try:
             cls = infer_dataset_class(str(folder))
         except AssertionError:
-            raise UserError(f"{folder} mixes file types (.b2nd/.npz); re-run prepare-pretrain --overwrite") from None
+            kinds = sorted({f.name.rsplit(".", 1)[-1] for f in folder.iterdir() if f.is_file()} - {"pkl", "npy"})
+            raise UserError(f"{folder} holds files of several kinds ({', '.join('.' + k for k in kinds)}); nnU-Net "
+                            f"expects only its .b2nd (or .npz) and .pkl files there: move the others out, or re-run "
+                            f"prepare-pretrain --overwrite") from None
         ids, skipped = [], []
         nn_ds = cls(str(folder))
+        # nnU-Net lists cases by their arrays: a case whose array file is gone would vanish silently
+        for cid in sorted({p.stem for p in folder.glob("*.pkl")} - set(nn_ds.identifiers)):
+            msg = f"{folder / cid}.*: the image array of this case is missing (only {cid}.pkl is there)"
+            if not skip_bad_cases:
+                raise UserError(f"{msg}; re-run prepare-pretrain --overwrite for {name}, or pass "
+                                f"--skip-bad-cases to leave it out")
+            skipped.append(msg)
         for cid in nn_ds.identifiers:
             try:
                 data = nn_ds.load_case(cid)[0]
