@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-presets", nargs="*", default=["vit_b12_1536"], help="also timed with torch.compile "
                                                                                    "(CUDA only)")
     ap.add_argument("--batch", type=int, help="crops per pretraining step (default 64 on CUDA, 2 on CPU)")
-    ap.add_argument("--steps", type=int, help="timed steps per model (default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--steps", type=int, help="timed steps per model (default 20 on CUDA, 6 on CPU)")
     ap.add_argument("--warmup", type=int, help="untimed steps per model (default 5 on CUDA, 1 on CPU)")
     ap.add_argument("--loader-rounds", type=int, default=3)
     ap.add_argument("--loader-volumes", type=int, default=28, help="volumes per round: ours, MONAI cached")
@@ -199,14 +199,20 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-inputs", default=str(GPU_INPUTS),
                     help="plans + case shapes used when the real CTs are not prepared in this run")
     ap.add_argument("--compile-finetune", action="store_true", help="torch.compile both fine-tuning networks")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: 1 when the load average already "
+                                                "fills the cores, since oversubscribed OpenMP threads stall "
+                                                "each other many times over; else all cores)")
     args = ap.parse_args(argv)
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
+    args.threads = args.threads or (1 if busy else os.cpu_count())
+    torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
     small = args.quick or not gpu
     args.presets = args.presets or (["vit_tiny", "vit_small"] if small else ALL_PRESETS)
     args.batch = args.batch or (2 if small else 64)
-    args.steps = args.steps or (3 if small else 20)
+    args.steps = args.steps or (6 if small else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
     args.unetr_preset = args.unetr_preset or ("vit_small" if args.quick else "vit_b12_1536")
     args.finetune_steps = args.finetune_steps or (2 if args.quick else 10)

@@ -48,10 +48,12 @@ def safe_torch_load(path: str | os.PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # name what the file asks for; not torch's own advice to retry with weights_only=False (that runs it)
+        m = re.search(r"GLOBAL ([\w.]*\w)", str(e))
         raise CheckpointError(
             f"refused to load {path}: it contains pickled Python objects other than tensors and plain data, "
-            f"which could run code. Only load files from sources you trust; re-save the weights as a plain "
-            f"state dict. ({str(e).splitlines()[0]})") from None
+            f"which could run code ({'it asks for ' + m.group(1) if m else 'not plain data'}); nothing in it was "
+            f"run. Only load files from sources you trust; re-save the weights as a plain state dict.") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the file is damaged or "

@@ -385,6 +385,7 @@ def test_pickled_code_is_refused_on_every_loading_path(tree, tmp_path, monkeypat
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert refused in err and str(path) in err and no_traceback(err), err
+        assert "it asks for posix.system" in err and "weights_only" not in err  # no advice to load it unsafely
         return err
 
     for path in (ours, authors):

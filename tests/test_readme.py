@@ -38,7 +38,7 @@ def test_readme_workflow_runs_literally(tmp_path):
     script.write_text("set -euo pipefail\n" + workflow_block())
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", nnUNet_compile="f",
-               nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+               nnUNet_n_proc_DA="1", OMP_NUM_THREADS="1")  # 0 breaks nnU-Net planning
     res = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "runs" / "hiend" / "checkpoint_final.pt").is_file()
