@@ -64,6 +64,7 @@ def register(sub) -> None:
     f.add_argument("--epochs", type=int, help="epochs of the base trainers (default nnU-Net's 1000; _Xepochs "
                                               "variants keep theirs)")
     f.add_argument("--iterations-per-epoch", type=int, help="default nnU-Net's 250")
+    f.add_argument("--val-iterations-per-epoch", type=int, help="default nnU-Net's 50")
     f.add_argument("--no-tta-mirroring", dest="tta_mirroring", action="store_const", const=False,
                    help="validate and predict in one pass, without nnU-Net's 8x mirroring (CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
@@ -112,7 +113,8 @@ def cmd_plan(args) -> None:
                finetune=dict(initial_lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                              schedule=args.schedule, layer_decay=args.layer_decay, grad_clip=args.grad_clip,
                              freeze_encoder_epochs=args.freeze_encoder_epochs, num_epochs=args.epochs,
-                             iterations_per_epoch=args.iterations_per_epoch, tta_mirroring=args.tta_mirroring))
+                             iterations_per_epoch=args.iterations_per_epoch,
+                             val_iterations_per_epoch=args.val_iterations_per_epoch, tta_mirroring=args.tta_mirroring))
     plans = json.loads(out.read_text())
     cfg = plans["configurations"][CONFIGURATION]
     a = cfg["architecture"]["arch_kwargs"]

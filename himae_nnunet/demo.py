@@ -87,6 +87,7 @@ class Demo:
             ("ViT plans", exe + ["plan", str(DATASET_ID), "--checkpoint", str(ckpt), "--plans-name", PLANS,
                                  "--patch-size", "64", "64", "64", "--batch-size", "2", "--feature-size", "16",
                                  "--epochs", str(self.epochs), "--iterations-per-epoch", str(self.iterations),
+                                 "--val-iterations-per-epoch", "5",
                                  "--lr", "3e-4", "--no-tta-mirroring", "--preprocess", "-np", "2",
                                  "--overwrite"]),
         ]

@@ -32,6 +32,7 @@ FINETUNE_DEFAULTS = dict(
     grad_clip=1.0,  # gradient-norm clip (nnU-Net's CNN default is 12; Primus uses 1)
     num_epochs=None,  # None: nnU-Net's 1000, or the trainer variant's (_Xepochs, _smoke); a variant wins
     iterations_per_epoch=None,  # None: nnU-Net's 250
+    val_iterations_per_epoch=None,  # None: nnU-Net's 50
     tta_mirroring=True,  # nnU-Net's 8x mirroring at validation/inference (False: one pass, e.g. on CPU)
 )
 
