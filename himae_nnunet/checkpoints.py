@@ -92,10 +92,24 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict, extra
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}
     if extra:
         payload.update(extra)
+    atomic_torch_save(path, payload, step=meta.get("step"))
+
+
+def atomic_torch_save(path: str | os.PathLike, payload: dict, what: str = "checkpoint", step=None) -> None:
+    """torch.save through a temporary file in the same folder, fsync, rename: `path` is whole or untouched."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CheckpointError(f"cannot write the {what} {path}: {path.parent} is a file, not a folder; "
+                              f"choose another output path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the folder {path.parent} for the {what} ({e.strerror}); "
+                              f"choose another output path") from None
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            if faults.kill_in_checkpoint_write(meta.get("step")):  # tests: kill -9 with half the file written
+            if faults.kill_in_checkpoint_write(step):  # tests: kill -9 with half the file written
                 buf = io.BytesIO()
                 torch.save(payload, buf)
                 f.write(buf.getbuffer()[:buf.tell() // 2])
@@ -109,7 +123,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict, extra
     except (OSError, RuntimeError) as e:  # full disk, read-only or vanished folder; torch's zip writer says RuntimeError
         kept = (f"the previous {path.name} is kept unchanged" if path.is_file() else
                 f"no {path.name} was written")
-        raise CheckpointError(f"cannot write the checkpoint {path} ({write_error_reason(e, path.parent)}); "
+        raise CheckpointError(f"cannot write the {what} {path} ({write_error_reason(e, path.parent)}); "
                               f"{kept} and no partial file is left") from None
     finally:
         try:

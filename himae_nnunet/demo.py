@@ -85,7 +85,7 @@ class Demo:
             ("nnU-Net planning", nn("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", "3d_fullres",
                                                                        "-np", "2", "--verify_dataset_integrity"]),
             ("ViT plans", exe + ["plan", str(DATASET_ID), "--checkpoint", str(ckpt), "--plans-name", PLANS,
-                                 "--patch-size", "64", "64", "64", "--batch-size", "2", "--feature-size", "16",
+                                 "--patch-size", "48", "48", "48", "--batch-size", "2", "--feature-size", "16",
                                  "--epochs", str(self.epochs), "--iterations-per-epoch", str(self.iterations),
                                  "--val-iterations-per-epoch", "5",
                                  "--lr", "3e-4", "--no-tta-mirroring", "--preprocess", "-np", "2",

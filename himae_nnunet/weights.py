@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (FORMAT, FORMAT_VERSION, CheckpointError, convert_official_state_dict,
+from .checkpoints import (FORMAT, FORMAT_VERSION, CheckpointError, atomic_torch_save, convert_official_state_dict,
                           infer_official_config, make_meta, official_config_from_json, read_checkpoint, safe_torch_load, sha256)
 from .models.vit import resize_pos_embed, sincos_pos_embed_3d
 
@@ -157,9 +157,8 @@ def export_full_network(plans: dict, dataset_json: dict, checkpoint, out, config
     torch.manual_seed(0)
     network = build_network_from_plans(plans, dataset_json, configuration)
     report = load_pretrained_into(network, checkpoint, log=log)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"network_weights": network.state_dict(),
-                "himae": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint),
-                          "plans_name": plans["plans_name"], "configuration": configuration}}, out)
+    atomic_torch_save(out, {"network_weights": network.state_dict(),
+                            "himae": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint),
+                                      "plans_name": plans["plans_name"], "configuration": configuration}},
+                      what="pretrained-weights file")
     return report

@@ -26,23 +26,12 @@ from himae_nnunet.cli import main
 from himae_nnunet.errors import UserError
 from himae_nnunet.pretrain import run_state
 from test_pretrain_prepare import tree, write_labelled_dataset  # noqa: F401  (session-prepared nnU-Net tree)
+from test_pretrain_loop import log_of
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--batch-volumes", "1",
             "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard", "--workers", "0"]
-ENV1 = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}  # one thread: see test_pretrain_loop.one_thread
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def log_of(run: Path) -> list:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+ENV1 = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}  # as conftest.py
 
 
 def strip(log: list) -> list:
@@ -458,9 +447,6 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert loads >= 1 and not offenders, offenders
 
 
-@pytest.mark.xfail(reason="fine-tuning part, reported: weights.py:160 out.parent.mkdir raises FileExistsError "
-                          "(traceback) for an -o under a regular file; weights.py:162 torch.save writes the output "
-                          "in place (not atomic)", strict=False)
 def test_export_pretrained_into_an_impossible_folder_gives_a_message(tmp_path, nnunet_dirs, capsys):
     from test_plan import tiny_checkpoint
     from test_trainers import vit_plans

@@ -26,16 +26,6 @@ CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--b
             "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """vit_tiny gains nothing from a second thread, and on a busy 2-core box OpenMP's spinning threads make
-    each step up to 40x slower; the killed CLI run below gets OMP_NUM_THREADS=1 to match (bitwise logs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def log_of(run: Path) -> list:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 

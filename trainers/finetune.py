@@ -139,7 +139,8 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
     def configure_optimizers(self):
         o = self.finetune
         groups = param_groups(unwrap(self.network), self.weight_decay, float(o["layer_decay"]))
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(o["betas"]))
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(o["betas"]),
+                                      fused=self.device.type == "cuda")
         warmup = min(int(o["warmup_epochs"]), self.num_epochs // 10)
         self.print_to_log_file(f"AdamW lr {self.initial_lr}, weight decay {self.weight_decay}, warmup {warmup} "
                                f"epochs then {o['schedule']}, layer decay {o['layer_decay']}, encoder frozen for "
