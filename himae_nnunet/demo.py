@@ -126,7 +126,7 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--data", help="your own labelled scans instead of the synthetic ones: a folder with "
                                   "imagesTr/labelsTr/imagesTs/labelsTs and dataset.json in nnU-Net's raw format")
-    p.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
+    p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per network (default 10)")
     p.add_argument("--iterations", type=int, default=25, help="fine-tuning iterations per epoch (default 25)")
     p.set_defaults(func=cmd_demo)
