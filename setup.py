@@ -43,6 +43,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["himae-nnunet = himae_nnunet.cli:main"]},
 )

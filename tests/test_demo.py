@@ -1,0 +1,29 @@
+"""`himae-nnunet demo` (the README's first command) end to end, with the shortest schedule."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_and_reports(tmp_path):
+    work = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update(OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    res = subprocess.run([sys.executable, "-m", "himae_nnunet.cli", "demo", "--workdir", str(work), "--steps", "4",
+                          "--epochs", "1", "--iterations", "2"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((work / "demo_results.json").read_text())
+    assert set(report["dice"]) == {"Hi-End-MAE", "scratch UNETR"}
+    assert all(set(d) == {"1", "2", "3"} for d in report["dice"].values())
+    assert "Dice per label" in res.stdout and "Time per stage" in res.stdout
+    for png in report["figures"].values():
+        assert Path(png).stat().st_size > 10_000  # real pictures, not empty canvases
+    assert len(list((work / "logs").glob("*.log"))) == 10
+    # a second run refuses a folder the demo did not make
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    res = subprocess.run([sys.executable, "-m", "himae_nnunet.cli", "demo", "--workdir", str(other)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "did not write" in res.stderr and (other / "keep.txt").exists()
