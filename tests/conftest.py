@@ -13,6 +13,13 @@ FIXTURES = SHARED / "fixtures"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Stock nnU-Net calls made in-process (planning, prediction) change torch's thread count and leave it so;
+    reset it, or a later in-process run no longer matches a single-threaded subprocess bit for bit."""
+    torch.set_num_threads(1)
+
+
 def need_shared(path: Path = SHARED) -> Path:
     """Skip (with the reason) only when ../shared is absent; CI always has it."""
     if not path.exists():
