@@ -87,11 +87,15 @@ def model_part(args) -> dict:
     return out
 
 
+def label(r: dict) -> str:
+    return r["preset"] + ("+compile" if r.get("compiled") else "")
+
+
 def print_model(r: dict) -> None:
     h, m = r["hiend"], r["mae"]
     extra = f", peak {h['peak_mem_gib']:.1f} / {m['peak_mem_gib']:.1f} GiB" if h["peak_mem_gib"] else ""
     extra += f", MFU {h['mfu']:.1%} / {m['mfu']:.1%}" if "mfu" in h else ""
-    print(f"{r['preset']}{' (compiled)' if r.get('compiled') else ''}: Hi-End-MAE {h['crops_per_s']:.2f} vs MAE "
+    print(f"{label(r)}: Hi-End-MAE {h['crops_per_s']:.2f} vs MAE "
           f"{m['crops_per_s']:.2f} crops/s, step time ratio {r['hiend_over_mae_step_time']:.3f}{extra}", flush=True)
 
 
@@ -154,12 +158,11 @@ def summary(results: dict, args) -> dict:
         s["headline_preset"] = head["preset"]
         s["hiend_over_mae_step_time_by_preset"] = {r["preset"]: round(r["hiend_over_mae_step_time"], 4)
                                                    for r in m["results"] if not r.get("compiled")}
-        s["crops_per_s_hiend_mae"] = {(r["preset"] + ("+compile" if r.get("compiled") else "")):
-                                      [round(r["hiend"]["crops_per_s"], 2), round(r["mae"]["crops_per_s"], 2)]
+        s["crops_per_s_hiend_mae"] = {label(r): [round(r["hiend"]["crops_per_s"], 2), round(r["mae"]["crops_per_s"], 2)]
                                       for r in m["results"]}
         if "mfu" in head["hiend"]:
-            s["mfu_hiend_mae"] = {(r["preset"] + ("+compile" if r.get("compiled") else "")):
-                                  [round(r["hiend"]["mfu"], 4), round(r["mae"]["mfu"], 4)] for r in m["results"]}
+            s["mfu_hiend_mae"] = {label(r): [round(r["hiend"]["mfu"], 4), round(r["mae"]["mfu"], 4)]
+                                  for r in m["results"]}
     else:
         s["hiend_over_mae_step_time"] = None
     ld = results.get("loader", {})
@@ -216,8 +219,6 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
     args.unetr_preset = args.unetr_preset or ("vit_small" if args.quick else "vit_b12_1536")
     args.finetune_steps = args.finetune_steps or (2 if args.quick else 10)
-    if args.quick:
-        args.loader_volumes = min(args.loader_volumes, 28)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 

@@ -142,12 +142,10 @@ def register(sub) -> None:
 
 
 def cmd_make_synthetic(args) -> None:
-    from .nnunet_env import require_folder
+    from .nnunet_env import require_folder, require_free_dataset_id
     from .synthetic import write_dataset
     raw = Path(args.output) if args.output else require_folder("nnUNet_raw")
-    existing = sorted(raw.glob(f"Dataset{args.dataset_id:03d}_*"))
-    if existing:
-        raise UserError(f"dataset id {args.dataset_id} is taken by {existing[0]}; choose another --dataset-id")
+    require_free_dataset_id(args.dataset_id, raw)
     folder = write_dataset(raw, args.dataset_id, args.name, args.cases, args.test_cases, args.seed)
     print(f"wrote {folder}: {args.cases} training scans (imagesTr/labelsTr), {args.test_cases} test scans "
           f"(imagesTs/labelsTs); labels 1 liver, 2 spleen, 3 kidney")

@@ -19,6 +19,16 @@ def require_folder(var: str) -> Path:
     return path
 
 
+def require_free_dataset_id(dataset_id: int, *more_roots: Path) -> None:
+    """nnU-Net finds a dataset by its id alone: refuse an id already used in its folders (or in more_roots)."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise UserError(f"--dataset-id {dataset_id}: nnU-Net dataset ids are 1 to 999")
+    roots = [Path(os.environ[var]) for var in FOLDERS if os.environ.get(var)] + [Path(r) for r in more_roots]
+    taken = [p.name for root in roots if root.is_dir() for p in root.glob(f"Dataset{int(dataset_id):03d}_*")]
+    if taken:
+        raise UserError(f"dataset id {dataset_id} is taken ({taken[0]}); choose a free --dataset-id")
+
+
 def dataset_name(dataset: str | int) -> str:
     """'DatasetXXX_Name' for an id or a name, searched as nnU-Net does (raw, preprocessed, results)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..checkpoints import DEFAULT_SPACING, DEFAULT_WINDOW
 from ..errors import UserError
 from ..imageio import find_scans, read_scan
-from ..nnunet_env import dataset_name, require_folder
+from ..nnunet_env import dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
 CONFIGURATION = "3d_fullres"
@@ -211,15 +211,9 @@ def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = F
     import SimpleITK as sitk
     raw_root = require_folder("nnUNet_raw")
     require_folder("nnUNet_preprocessed")
-    if not 1 <= int(dataset_id) <= 999:
-        raise UserError(f"--dataset-id {dataset_id}: nnU-Net dataset ids are 1 to 999")
+    require_free_dataset_id(dataset_id)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise UserError(f"--name {name!r}: use letters, digits, '_' and '-' only")
-    taken = [p.name for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-             if os.environ.get(var) and Path(os.environ[var]).is_dir()
-             for p in Path(os.environ[var]).glob(f"Dataset{int(dataset_id):03d}_*")]
-    if taken:
-        raise UserError(f"dataset id {dataset_id} is taken ({taken[0]}); choose a free --dataset-id")
     input_dir = Path(input_dir)
     scans = find_scans(input_dir)
     ds_name = f"Dataset{int(dataset_id):03d}_{name}"

@@ -26,16 +26,10 @@ from himae_nnunet.cli import main
 from himae_nnunet.errors import UserError
 from himae_nnunet.pretrain import run_state
 from test_pretrain_prepare import tree, write_labelled_dataset  # noqa: F401  (session-prepared nnU-Net tree)
-from test_pretrain_loop import log_of
+from test_pretrain_loop import CLI_TINY as LOOP_CLI_TINY, ENV1, log_of, strip
 
 REPO = Path(__file__).resolve().parents[1]
-CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--batch-volumes", "1",
-            "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard", "--workers", "0"]
-ENV1 = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}  # as conftest.py
-
-
-def strip(log: list) -> list:
-    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in log]
+CLI_TINY = [*LOOP_CLI_TINY, "--workers", "0"]
 
 
 def start_cli(args: list, env: dict | None = None) -> subprocess.Popen:

@@ -26,8 +26,16 @@ CLI_TINY = ["--dataset", "501", "--model", "vit_tiny", "--crop-size", "32", "--b
             "--crops-per-volume", "2", "--device", "cpu", "--preview-every", "0", "--no-tensorboard"]
 
 
+ENV1 = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}  # CLI subprocesses
+
+
 def log_of(run: Path) -> list:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def strip(log: list) -> list:
+    """What must match bit for bit between two runs (not the timings)."""
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in log]
 
 
 @pytest.mark.parametrize("method", ["hiend", "mae"])
@@ -74,7 +82,7 @@ def test_kill_and_resume_gives_the_uninterrupted_log(tree, tmp_path):
     cmd = [sys.executable, "-m", "himae_nnunet.cli", "pretrain", *CLI_TINY, "--steps", "400",
            "--checkpoint-every", "2", "--workers", "0", "--seed", "1"]
     proc = subprocess.Popen([*cmd, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            start_new_session=True, env=os.environ | ENV1)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 5:
@@ -89,9 +97,8 @@ def test_kill_and_resume_gives_the_uninterrupted_log(tree, tmp_path):
     # both continuations run as subprocesses like the killed run: bit-equality needs the same thread count
     for extra in (["--output", str(killed), "--resume"], ["--output", str(clean), "--workers", "1"]):
         res = subprocess.run([*cmd, *extra, "--stop-at", str(stop)], capture_output=True, text=True, timeout=240,
-                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+                             env=os.environ | ENV1)
         assert res.returncode == 0, res.stderr[-2000:]
-    strip = lambda log: [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in log]  # noqa: E731
     assert strip(log_of(killed)) == strip(log_of(clean)) and len(log_of(clean)) == stop
     a, b = (torch.load(r / "checkpoint_latest.pt", weights_only=True) for r in (killed, clean))
     assert a["meta"]["step"] == b["meta"]["step"] == stop

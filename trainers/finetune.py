@@ -113,7 +113,7 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         self.num_epochs = int(self.EPOCHS or opts["num_epochs"] or self.num_epochs)
         self.num_iterations_per_epoch = int(self.ITERATIONS or opts["iterations_per_epoch"]
                                             or self.num_iterations_per_epoch)
-        self.num_val_iterations_per_epoch = int(self.VAL_ITERATIONS or opts.get("val_iterations_per_epoch")
+        self.num_val_iterations_per_epoch = int(self.VAL_ITERATIONS or opts["val_iterations_per_epoch"]
                                                 or self.num_val_iterations_per_epoch)
 
     @staticmethod
