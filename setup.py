@@ -1,7 +1,8 @@
 """himae-nnunet: Hi-End-MAE self-supervised pretraining for nnU-Net v2.
 
 `pretrain/` and `trainers/` are top-level folders of the repository but install as
-`himae_nnunet.pretrain` and `himae_nnunet.trainers` (no generic top-level packages).
+`himae_nnunet.pretrain` and `himae_nnunet.trainers` (no generic top-level packages); work on a source
+checkout through `pip install -e .`.
 """
 import re
 from pathlib import Path
@@ -20,8 +21,13 @@ setup(
     python_requires=">=3.10",
     packages=[
         "himae_nnunet",
+        "himae_nnunet.core",
+        "himae_nnunet.scans",
         "himae_nnunet.models",
+        "himae_nnunet.checkpoint",
+        "himae_nnunet.vit_plans",
         "himae_nnunet.analysis",
+        "himae_nnunet.demo",
         "himae_nnunet.pretrain",
         "himae_nnunet.trainers",
         "himae_nnunet.trainers.ext",

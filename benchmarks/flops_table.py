@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from himae_nnunet.flops import count, format_table
+from himae_nnunet.models.flops import count, format_table
 from himae_nnunet.models.presets import PRESETS
 
 INTRO = """# Compute per crop: every preset, B = 0..3

@@ -36,7 +36,7 @@ def prepare(root: Path, data: Path) -> tuple[int, float]:
 
 
 def raw_images(ds_id: int) -> list[Path]:
-    from himae_nnunet.nnunet_env import dataset_name
+    from himae_nnunet.core.nnunet_env import dataset_name
     folder = Path(os.environ["nnUNet_raw"]) / str(dataset_name(ds_id)) / "imagesTr"
     return sorted(folder.glob("*_0000.nii.gz"))
 

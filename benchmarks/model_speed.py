@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from himae_nnunet.flops import count
+from himae_nnunet.models.flops import count
 from himae_nnunet.models import HiEndMAE, model_config
 
 # dense bf16 spec sheet values; first matching name wins

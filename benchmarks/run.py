@@ -130,7 +130,7 @@ def missing_for_loader(data: str) -> str | None:
 def finetune_part(args, state: dict) -> dict:
     import finetune_speed
     if "dataset" in state:  # the real CTs prepared by the loader part: take plans and shapes from there
-        from himae_nnunet.nnunet_env import dataset_name
+        from himae_nnunet.core.nnunet_env import dataset_name
         from himae_nnunet.pretrain.data import find_sources
         pre = Path(os.environ["nnUNet_preprocessed"]) / str(dataset_name(state["dataset"]))
         inputs = finetune_speed.export_inputs(pre, find_sources([state["dataset"]])[0].folder, None)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from himae_nnunet.oneshot_dataset import SHARED_ORGANS, write_ab_dataset
+from himae_nnunet.scans.oneshot_dataset import SHARED_ORGANS, write_ab_dataset
 
 BIN = Path(sys.executable).parent
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

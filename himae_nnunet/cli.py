@@ -8,15 +8,16 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from himae_nnunet.core.errors import UserError
 
 # modules with a register(subparsers) function, in the order of the workflow
 COMMAND_MODULES = [
-    "himae_nnunet.cli_models",  # flops, import-official, presets
+    "himae_nnunet.models.cli",  # presets, flops
+    "himae_nnunet.checkpoint.cli",  # import-official
     "himae_nnunet.pretrain.cli",  # prepare-pretrain, import-scans, pretrain
-    "himae_nnunet.cli_finetune",  # plan, split, ext-trainer-path, export-pretrained, train, predict
+    "himae_nnunet.vit_plans.cli",  # plan, split, ext-trainer-path, export-pretrained, train, predict
     "himae_nnunet.analysis.cli",  # analyze rank|attention|reconstruct
-    "himae_nnunet.demo",  # demo, make-synthetic
+    "himae_nnunet.demo.run",  # demo, make-synthetic
 ]
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="himae-nnunet",
         description="Hi-End-MAE self-supervised pretraining and UNETR fine-tuning for nnU-Net v2.")
-    from . import __version__
+    from himae_nnunet import __version__
     parser.add_argument("--version", action="version", version=f"himae-nnunet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -1,6 +1,6 @@
 """Pretraining commands: `prepare-pretrain`, `import-scans`, `pretrain`."""
-from ..checkpoints import DEFAULT_SPACING, DEFAULT_WINDOW
-from ..models.presets import PRESETS
+from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
+from himae_nnunet.models.presets import PRESETS
 
 
 def _prep_options(p, with_crop=True) -> None:
@@ -76,7 +76,7 @@ def register(sub) -> None:
 
 
 def _crop(values) -> tuple:
-    from ..errors import UserError
+    from himae_nnunet.core.errors import UserError
     if len(values) not in (1, 3):
         raise UserError(f"--crop-size {values}: give one or three sizes")
     return tuple(values) * 3 if len(values) == 1 else tuple(values)
@@ -89,14 +89,14 @@ def _prepare_kwargs(args) -> dict:
 
 
 def cmd_prepare(args) -> None:
-    from .prepare import prepare_dataset
+    from himae_nnunet.pretrain.prepare import prepare_dataset
     for ds in args.dataset:
         prepare_dataset(ds, **_prepare_kwargs(args))
 
 
 def cmd_import(args) -> None:
-    from ..errors import UserError
-    from .prepare import import_scans, prepare_dataset
+    from himae_nnunet.core.errors import UserError
+    from himae_nnunet.pretrain.prepare import import_scans, prepare_dataset
     folder = import_scans(args.input, args.dataset_id, args.name, skip_bad_cases=args.skip_bad_cases)
     if not args.no_prepare:
         try:
@@ -108,7 +108,7 @@ def cmd_import(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .loop import PretrainOptions, run_pretraining
+    from himae_nnunet.pretrain.loop import PretrainOptions, run_pretraining
     fields = PretrainOptions.__dataclass_fields__
     opts = PretrainOptions(datasets=args.dataset, **{k: v for k, v in vars(args).items()
                                                      if k in fields and k != "datasets"})

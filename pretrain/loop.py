@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import faults
-from ..checkpoints import CheckpointError, load_strict, make_meta, remove_stale_temporaries, save_checkpoint
-from ..errors import UserError
-from ..models.hiend_mae import HiEndMAE
-from ..models.presets import model_config
-from .data import CropDataset, StepBatches, find_sources, make_loader
-from .run_state import (FINAL, LATEST, LOG, _jsonable, check_output, check_writable, elastic_restart_of_this_run,
-                        last_good, launch_info, open_log, restore_training, rng_state, set_rng_state)
+from himae_nnunet.core import faults
+from himae_nnunet.checkpoint.format import (CheckpointError, load_strict, make_meta, remove_stale_temporaries, save_checkpoint)
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.models.hiend_mae import HiEndMAE
+from himae_nnunet.models.presets import model_config
+from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
+from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, _jsonable, check_output, check_writable, elastic_restart_of_this_run, last_good, launch_info, open_log, restore_training, rng_state, set_rng_state)
 
 # DDP notes that the patch-embedding grad (C = 1) has another stride on its size-1 axis: same memory layout
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
@@ -371,7 +370,7 @@ def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> d
                 if at_checkpoint or stopping:
                     save(out / LATEST, done, with_state=True)
                 if at_preview:
-                    from .preview import save_preview
+                    from himae_nnunet.pretrain.preview import save_preview
                     save_preview(model, x[:1], perm[:1], out / "previews" / f"step_{done:07d}.png",
                                  f"{o.method} step {done}")
                 if stopping:

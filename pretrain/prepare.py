@@ -15,10 +15,10 @@ import sys
 from copy import deepcopy
 from pathlib import Path
 
-from ..checkpoints import DEFAULT_SPACING, DEFAULT_WINDOW
-from ..errors import UserError
-from ..imageio import find_scans, read_scan
-from ..nnunet_env import dataset_name, require_folder, require_free_dataset_id
+from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.scans.imageio import find_scans, read_scan
+from himae_nnunet.core.nnunet_env import dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
 CONFIGURATION = "3d_fullres"

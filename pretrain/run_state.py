@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..checkpoints import read_checkpoint
-from ..errors import UserError
+from himae_nnunet.checkpoint.format import read_checkpoint
+from himae_nnunet.core.errors import UserError
 
 if TYPE_CHECKING:
-    from .loop import PretrainOptions
+    from himae_nnunet.pretrain.loop import PretrainOptions
 
 LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
 # options that define the sample and model sequence: a resumed run must keep them

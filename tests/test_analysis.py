@@ -12,7 +12,7 @@ from himae_nnunet.analysis.attention import token_of_voxel
 from himae_nnunet.analysis.probe import attention_probs, capture_qkv, split_heads
 from himae_nnunet.analysis.rank import effective_rank, singular_values_from_gram
 from himae_nnunet.analysis.volumes import crop_around, inside_mask, load_image_volume, sample_crops
-from himae_nnunet.checkpoints import load_checkpoint, make_meta, save_checkpoint
+from himae_nnunet.checkpoint.format import load_checkpoint, make_meta, save_checkpoint
 from himae_nnunet.cli import main
 from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.models.presets import model_config
@@ -226,7 +226,7 @@ def test_dataset_source_picks_the_pretraining_data(checkpoints, nnunet_dirs, tmp
 def test_flops_doc_is_current():
     """docs/flops.md (written by benchmarks/flops_table.py) has every preset x B = 0..3, and its vit_tiny rows
     equal a fresh count."""
-    from himae_nnunet.flops import count, format_table
+    from himae_nnunet.models.flops import count, format_table
     from himae_nnunet.models.presets import PRESETS
     text = (Path(__file__).resolve().parents[1] / "docs" / "flops.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| vit")]

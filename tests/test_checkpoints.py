@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import himae_nnunet
-from himae_nnunet.checkpoints import CheckpointError, make_meta, read_checkpoint, save_checkpoint
+from himae_nnunet.checkpoint.format import CheckpointError, make_meta, read_checkpoint, save_checkpoint
 from himae_nnunet.models import HiEndMAE, model_config
 
 

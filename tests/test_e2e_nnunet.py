@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from himae_nnunet.oneshot_dataset import CASE_B, write_ab_dataset
+from himae_nnunet.scans.oneshot_dataset import CASE_B, write_ab_dataset
 from test_plan import tiny_checkpoint
 
 BIN = Path(sys.executable).parent

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from himae_nnunet.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from himae_nnunet.checkpoint.format import CheckpointError, read_checkpoint, save_checkpoint
 from himae_nnunet.cli import main
-from himae_nnunet.errors import UserError
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.pretrain import run_state
 from test_pretrain_prepare import tree, write_labelled_dataset  # noqa: F401  (session-prepared nnU-Net tree)
 from test_pretrain_loop import CLI_TINY as LOOP_CLI_TINY, ENV1, log_of, strip
@@ -185,7 +185,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tree, tmp_path, capsys
     disk = tmp_path / "disk"
     mounted = mount_tmpfs(disk, "size=40m")
     if not mounted:  # no mount permission: the write fails the same way, injected
-        import himae_nnunet.checkpoints as ck
+        import himae_nnunet.checkpoint.format as ck
         real_save, calls = ck.torch.save, []
 
         def full_save(obj, f, *a, **k):
@@ -355,7 +355,7 @@ class Evil:
 def test_pickled_code_is_refused_on_every_loading_path(tree, tmp_path, monkeypatch, capsys, data_dir):
     from himae_nnunet import load_checkpoint
     from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE
-    from himae_nnunet.weights import read_pretrained
+    from himae_nnunet.vit_plans.weights import read_pretrained
     from test_plan import tiny_checkpoint
     from test_trainers import vit_plans
 
@@ -390,7 +390,7 @@ def test_pickled_code_is_refused_on_every_loading_path(tree, tmp_path, monkeypat
     # the trainer: plans naming a file that was swapped for a malicious one with its sha256 updated by hand
     good, meta = tiny_checkpoint(tmp_path / "tiny.pt")
     plans = vit_plans(good, meta)
-    from himae_nnunet.checkpoints import sha256
+    from himae_nnunet.checkpoint.format import sha256
     plans["himae"].update(checkpoint=str(ours), checkpoint_sha256=sha256(ours))
     with pytest.raises(CheckpointError, match=refused):
         nnUNetTrainerHiEndMAE.check_checkpoint(plans, "3d_fullres")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from himae_nnunet.checkpoints import make_meta, save_checkpoint, sha256
+from himae_nnunet.checkpoint.format import make_meta, save_checkpoint, sha256
 from himae_nnunet.cli import main
-from himae_nnunet.errors import UserError
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.models import HiEndMAE, model_config
-from himae_nnunet.oneshot_dataset import write_ab_dataset
-from himae_nnunet.planning import derive_vit_plans
+from himae_nnunet.scans.oneshot_dataset import write_ab_dataset
+from himae_nnunet.vit_plans.planning import derive_vit_plans
 
 
 def tiny_checkpoint(path, crop=48, spacing=(3.0, 3.0, 3.0), preset="vit_tiny", **overrides):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from himae_nnunet.errors import UserError
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.pretrain.data import (CropDataset, StepBatches, find_sources, make_loader, paper_augmentation,
                                         pick_centre, seeded_global_rngs)
 from test_pretrain_prepare import tree  # noqa: F401  (session-prepared nnU-Net tree)

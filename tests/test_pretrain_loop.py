@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from himae_nnunet.checkpoints import load_checkpoint, read_checkpoint
+from himae_nnunet.checkpoint.format import load_checkpoint, read_checkpoint
 from himae_nnunet.cli import main
-from himae_nnunet.errors import UserError
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.pretrain.loop import NonFiniteLoss, PretrainOptions, run_pretraining
 from test_pretrain_prepare import tree  # noqa: F401  (session-prepared nnU-Net tree)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import himae_nnunet
-from himae_nnunet.checkpoints import official_key_to_ours, read_checkpoint
+from himae_nnunet.checkpoint.official import official_key_to_ours
+from himae_nnunet.checkpoint.format import read_checkpoint
 from himae_nnunet.models import HiEndMAE, model_config
 
 TOL = 1e-5

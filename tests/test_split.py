@@ -4,8 +4,8 @@ import json
 import pytest
 
 from himae_nnunet.cli import main
-from himae_nnunet.errors import UserError
-from himae_nnunet.splits import add_folds, few_shot_folds
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.vit_plans.splits import add_folds, few_shot_folds
 
 
 def make_raw_dataset(raw, n_cases: int, name: str = "Dataset777_Split"):

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from himae_nnunet.checkpoints import CheckpointError, sha256
+from himae_nnunet.checkpoint.format import CheckpointError, sha256
 from himae_nnunet.cli import main
-from himae_nnunet.cli_finetune import ext_trainer_hint, ext_trainer_path
-from himae_nnunet.errors import UserError
+from himae_nnunet.vit_plans.cli import ext_trainer_hint, ext_trainer_path
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.models import UNETR
 from himae_nnunet.models.vit import resize_pos_embed, sincos_pos_embed_3d
-from himae_nnunet.planning import derive_vit_plans
+from himae_nnunet.vit_plans.planning import derive_vit_plans
 from himae_nnunet.trainers.finetune import (WarmupDecayLR, nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR,
                                             param_groups)
-from himae_nnunet.weights import build_network_from_plans, load_pretrained_into, read_pretrained
+from himae_nnunet.vit_plans.weights import build_network_from_plans, load_pretrained_into, read_pretrained
 from test_plan import base_plans, tiny_checkpoint
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz",

@@ -4,7 +4,7 @@ import pydoc
 import pytest
 import torch
 
-from himae_nnunet.checkpoints import make_meta, read_checkpoint, save_checkpoint
+from himae_nnunet.checkpoint.format import make_meta, read_checkpoint, save_checkpoint
 from himae_nnunet.models import HiEndMAE, UNETR, model_config
 from himae_nnunet.models.unetr import upsampling_factors
 

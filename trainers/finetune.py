@@ -23,8 +23,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 from nnunetv2.utilities.helpers import dummy_context  # noqa: E402
 
-from himae_nnunet.errors import UserError
-from himae_nnunet.planning import FINETUNE_DEFAULTS, UNETR_CLASS, check_against_pretraining, is_vit_plans
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.vit_plans.planning import FINETUNE_DEFAULTS, UNETR_CLASS, check_against_pretraining, is_vit_plans
 
 
 def unwrap(network):
@@ -182,8 +182,8 @@ class nnUNetTrainerHiEndMAE(nnUNetTrainerUNETR):
     @staticmethod
     def check_checkpoint(plans: dict, configuration: str):
         """Read the plans' checkpoint; refuse a missing or changed file; compare spacing and window."""
-        from himae_nnunet.checkpoints import CheckpointError, sha256
-        from himae_nnunet.weights import check_same_encoder, read_pretrained
+        from himae_nnunet.checkpoint.format import CheckpointError, sha256
+        from himae_nnunet.vit_plans.weights import check_same_encoder, read_pretrained
         h = plans["himae"]
         path = h["checkpoint"]
         try:
@@ -208,7 +208,7 @@ class nnUNetTrainerHiEndMAE(nnUNetTrainerUNETR):
 
     def initialize(self):
         super().initialize()
-        from himae_nnunet.weights import load_pretrained_into
+        from himae_nnunet.vit_plans.weights import load_pretrained_into
         h = self.plans_manager.plans["himae"]
         report = load_pretrained_into(unwrap(self.network), h["checkpoint"], None, self.print_to_log_file,
                                       self._pretrained)

@@ -3,7 +3,7 @@ one-shot / 1 % / 10 % / 100 % of the labels; 250 iterations per epoch as nnU-Net
 two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke tests only)."""
 import torch
 
-from .finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
+from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
 
 
 class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):

@@ -39,7 +39,7 @@ else
 fi
 export PYTHONPATH=".:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 nnUNet_compile=f
 # the package travels as source (not installed): check it imports without nnunetv2/SimpleITK
-"$py" -c "import himae_nnunet.models, himae_nnunet.flops" 2>&1 | tee -a "$log"
+"$py" -c "import himae_nnunet.models, himae_nnunet.models.flops" 2>&1 | tee -a "$log"
 
 if [[ "$device" == cuda ]]; then
   nvidia-smi > "$out_dir/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" | tee -a "$log"

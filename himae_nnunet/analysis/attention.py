@@ -8,8 +8,8 @@ fused kernel does not return them); the cls column is left out of the picture an
 import numpy as np
 import torch
 
-from .figures import grid_to_voxels, overlay, plane, plane_point, pyplot, show
-from .probe import attention_probs, capture_qkv
+from himae_nnunet.analysis.figures import grid_to_voxels, overlay, plane, plane_point, pyplot, show
+from himae_nnunet.analysis.probe import attention_probs, capture_qkv
 
 
 def default_blocks(model) -> list[int]:

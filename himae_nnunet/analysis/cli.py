@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from himae_nnunet.core.errors import UserError
 
 DEFINITION = ("per encoder block: A = attention values V (all heads side by side, D columns) of the patch tokens "
               "(cls excluded) of unmasked crops, stacked over crops ((crops * N) x D); effective_rank = "
@@ -74,7 +74,7 @@ class Inputs:
     """Checkpoints and the scan(s), the latter loaded once per (spacing, window) that a checkpoint asks for."""
 
     def __init__(self, args):
-        from ..checkpoints import load_checkpoint
+        from himae_nnunet.checkpoint.format import load_checkpoint
         import torch
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,7 +88,7 @@ class Inputs:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def volumes(self, model):
-        from .volumes import load_dataset_volumes, load_image_volume
+        from himae_nnunet.analysis.volumes import load_dataset_volumes, load_image_volume
         spacing, window = tuple(model.meta["spacing"]), tuple(model.meta["intensity_window"])
         key = (spacing, window)
         if key not in self._cache:
@@ -101,7 +101,7 @@ class Inputs:
 
     def query_crop(self, model):
         """(volume, crop, query voxel inside the crop, query voxel in the volume, crop start)."""
-        from .volumes import crop_around, default_query, query_from_image_index, query_from_label
+        from himae_nnunet.analysis.volumes import (crop_around, default_query, query_from_image_index, query_from_label)
         vols = self.volumes(model)
         vol = vols[0]
         if self.args.case:
@@ -139,8 +139,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def cmd_rank(args) -> None:
-    from .rank import plot_rank, value_spectra
-    from .volumes import sample_crops
+    from himae_nnunet.analysis.rank import plot_rank, value_spectra
+    from himae_nnunet.analysis.volumes import sample_crops
     if args.crops < 1:
         raise UserError("--crops must be at least 1")
     inp = Inputs(args)
@@ -158,7 +158,7 @@ def cmd_rank(args) -> None:
 
 
 def cmd_attention(args) -> None:
-    from .attention import default_blocks, plot_attention, plot_comparison, query_attention, summary
+    from himae_nnunet.analysis.attention import (default_blocks, plot_attention, plot_comparison, query_attention, summary)
     inp = Inputs(args)
     entries, report = [], []
     for name, path, model in zip(inp.names, args.checkpoints, inp.models):
@@ -183,8 +183,8 @@ def cmd_attention(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    from .reconstruct import plot_reconstructions, reconstruct_at
-    from .volumes import inside_mask
+    from himae_nnunet.analysis.reconstruct import plot_reconstructions, reconstruct_at
+    from himae_nnunet.analysis.volumes import inside_mask
     inp = Inputs(args)
     report = []
     for name, path, model in zip(inp.names, args.checkpoints, inp.models):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .probe import capture_qkv, values
+from himae_nnunet.analysis.probe import capture_qkv, values
 
 
 def effective_rank(singular_values) -> float:

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..errors import UserError
-from .figures import PLANES, plane, pyplot, show
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.analysis.figures import PLANES, plane, pyplot, show
 
 
 @contextmanager

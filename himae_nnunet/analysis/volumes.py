@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..imageio import read_scan, to_model_input
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.scans.imageio import read_scan, to_model_input
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_dataset_volumes(dataset, spacing, data_identifier=None, max_cases=None)
     The data folder is `data_identifier`, else the only plans configuration whose spacing equals the
     checkpoint's (the pretraining data); the data must already be windowed to [0, 1] by that preprocessing."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from ..nnunet_env import dataset_name, require_folder
+    from himae_nnunet.core.nnunet_env import dataset_name, require_folder
     root = require_folder("nnUNet_preprocessed") / dataset_name(dataset)
     folders = {}  # data identifier -> spacing (from every plans file's configurations)
     for plans in sorted(root.glob("*.json")):

@@ -10,8 +10,8 @@ from torch import nn
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block
 
-from .presets import model_config
-from .vit import LayerNorm, ViTEncoder3D, _init_weights, patchify, sincos_pos_embed_3d, unpatchify
+from himae_nnunet.models.presets import model_config
+from himae_nnunet.models.vit import (LayerNorm, ViTEncoder3D, _init_weights, patchify, sincos_pos_embed_3d, unpatchify)
 
 
 class CrossAttention(nn.Module):

@@ -6,7 +6,7 @@ tuples so that it can travel inside checkpoints and nnU-Net plans as JSON.
 """
 from copy import deepcopy
 
-from ..errors import UserError
+from himae_nnunet.core.errors import UserError
 
 # Fields every model config carries; `crop_size` is the pretraining crop (token grid = crop / patch).
 DEFAULTS = dict(

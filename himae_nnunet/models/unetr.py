@@ -10,8 +10,8 @@ trilinear last stage for p = 12), the patch factor p is split into four upsampli
 import torch
 from torch import nn
 
-from .presets import model_config
-from .vit import ViTEncoder3D
+from himae_nnunet.models.presets import model_config
+from himae_nnunet.models.vit import ViTEncoder3D
 
 
 def upsampling_factors(p: int) -> tuple[int, int, int, int]:

@@ -32,7 +32,7 @@ def load_patient_a(data_dir: Path):
 def load_patient_b(data_dir: Path):
     """B's DICOM series and its label resampled onto the series' grid by physical position (nearest)."""
     import SimpleITK as sitk
-    from .imageio import read_scan
+    from himae_nnunet.scans.imageio import read_scan
     image = read_scan(data_dir / "ct_abdomen_ts_dicom" / "dicom")
     label = sitk.ReadImage(str(data_dir / "ct_abdomen_ts_dicom" / "example_seg_dicom.nii.gz"))
     label = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())

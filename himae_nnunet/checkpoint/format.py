@@ -1,4 +1,4 @@
-"""Checkpoint format, loading, and the importer of the authors' checkpoint format.
+"""Our checkpoint format: atomic saving, safe loading, metadata.
 
 A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads:
     {"format": "himae-nnunet", "format_version": 1, "state_dict": {name: tensor}, "meta": {...}}
@@ -15,16 +15,14 @@ from pathlib import Path
 
 import torch
 
-from . import faults
-from .errors import UserError
-from .models.hiend_mae import HiEndMAE
-from .models.presets import PRESETS, ConfigError, model_config
-from .models.vit import sincos_pos_embed_3d
+from himae_nnunet.core import faults
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.models.hiend_mae import HiEndMAE
+from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
+from himae_nnunet.models.presets import ConfigError, model_config
 
 FORMAT = "himae-nnunet"
 FORMAT_VERSION = 1
-DEFAULT_SPACING = (1.5, 1.5, 1.5)
-DEFAULT_WINDOW = (-175.0, 250.0)
 TMP_PREFIX = "."  # temporary files: .NAME.tmpPID beside NAME
 
 
@@ -61,7 +59,7 @@ def safe_torch_load(path: str | os.PathLike):
 
 
 def package_version() -> str:
-    from . import __version__
+    from himae_nnunet import __version__
     return __version__
 
 
@@ -194,103 +192,3 @@ def load_strict(model: torch.nn.Module, state_dict: dict, source) -> None:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
-
-
-# ---------------------------------------------------------------- the authors' format
-
-def infer_official_config(sd: dict, num_heads: int | None = None, decoder_heads: int | None = None,
-                          mask_ratio: float = 0.75) -> dict:
-    """Model config from the shapes of an authors' state dict (prefix already stripped).
-
-    Head counts are not visible in shapes: taken from the matching preset, or given."""
-    try:
-        embed_dim = sd["encoder.cls_token"].shape[-1]
-        w = sd["encoder.patch_embed.proj.weight"]
-        decoder_dim = sd["mask_token"].shape[-1]
-        n_tokens = sd["encoder_pos_embed"].shape[1]
-    except KeyError as e:
-        raise CheckpointError(f"not an authors' Hi-End-MAE checkpoint: key {e} is missing") from None
-    p, in_chans = w.shape[-1], w.shape[1]
-    depth = len({m.group(1) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
-    self_blocks = len({m.group(1) for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))})
-    stages = len({m.group(1) for k in sd if (m := re.match(r"decoder\.cross_attention_blocks\.(\d+)\.", k))})
-    side = round(n_tokens ** (1 / 3))
-    if side ** 3 != n_tokens:
-        raise CheckpointError(f"encoder_pos_embed has {n_tokens} tokens, not a cubic grid; cannot infer crop size")
-    preset = next((n for n, c in PRESETS.items() if (c["patch_size"], c["embed_dim"], c["depth"], c["decoder_dim"])
-                   == (p, embed_dim, depth, decoder_dim)), None)
-    if preset is None and (num_heads is None or decoder_heads is None):
-        raise CheckpointError(f"no preset matches patch {p}, dim {embed_dim}, depth {depth}, decoder dim "
-                              f"{decoder_dim}; give --num-heads and --decoder-heads (or --config)")
-    pos = "sincos" if torch.allclose(sd["encoder_pos_embed"][0].float(),
-                                     sincos_pos_embed_3d(embed_dim, (side,) * 3), atol=1e-4) else "learnable"
-    return model_config(preset, patch_size=p, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                        decoder_dim=decoder_dim, decoder_heads=decoder_heads, in_chans=in_chans,
-                        crop_size=(side * p,) * 3, stages=stages, decoder_blocks=self_blocks + 2 * stages,
-                        mask_ratio=mask_ratio, pos_embed=pos)
-
-
-def official_key_to_ours(key: str, stages: int) -> str | None:
-    """Our name for one key of the authors' state dict; None for keys we rebuild instead of loading."""
-    key = key.removeprefix("module.")
-    if key == "encoder_pos_embed":
-        return "encoder.pos_embed"
-    if key == "decoder_pos_embed":
-        return None
-    if m := re.match(r"encoder_to_decoder\.(\d+)\.(.*)", key):
-        # theirs: [tap 3, tap 6, tap 9, final]; ours: [final, tap 9, tap 6, tap 3] (stage order)
-        return f"encoder_to_decoder.{stages - int(m.group(1))}.{m.group(2)}"
-    return key
-
-
-def convert_official_state_dict(sd: dict, config: dict) -> tuple[dict, list[str]]:
-    """Rename the authors' keys to ours. Returns (our state dict, notes on keys dropped or recomputed)."""
-    out, notes = {}, []
-    for k, v in sd.items():
-        new = official_key_to_ours(k, config["stages"])
-        if new is not None:
-            out[new] = v
-            continue
-        grid = tuple(c // config["patch_size"] for c in config["crop_size"])
-        if not torch.allclose(v[0].float(), sincos_pos_embed_3d(config["decoder_dim"], grid), atol=1e-4):
-            raise CheckpointError(f"{k} is not the fixed 3D sin-cos table; this model variant is not supported")
-        notes.append(f"{k}: dropped (checked equal to the fixed sin-cos table the model rebuilds)")
-    return out, notes
-
-
-def import_official(src, out, config: dict | None = None, num_heads=None, decoder_heads=None,
-                    mask_ratio: float = 0.75, overwrite: bool = False) -> tuple[dict, list[str]]:
-    """Convert an authors' checkpoint file into ours. Returns (meta, notes). Refuses partial fits."""
-    raw = safe_torch_load(src)
-    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict') of tensors")
-    stripped = {k.removeprefix("module."): v for k, v in sd.items()}
-    if config is None:
-        config = infer_official_config(stripped, num_heads, decoder_heads, mask_ratio)
-    ours, notes = convert_official_state_dict(sd, config)
-    model = HiEndMAE(config)
-    load_strict(model, ours, src)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another output path or delete it first")
-    epoch = raw.get("epoch", 0) if isinstance(raw, dict) else 0
-    meta = make_meta(model.config, step=int(epoch) if isinstance(epoch, (int, float)) else 0,
-                     source=f"import-official {Path(src).name} (sha256 {sha256(src)[:16]})",
-                     data=["authors' release (see their paper)"])
-    save_checkpoint(out, model.state_dict(), meta)
-    return meta, notes
-
-
-def official_config_from_json(cfg: dict) -> dict:
-    """Our config from the authors' config.json keys (img_size, enc_dim, enc_heads, ...)."""
-    try:
-        return model_config(None, patch_size=cfg["patch_size"], embed_dim=cfg["enc_dim"], depth=cfg["depth"],
-                            num_heads=cfg["enc_heads"], decoder_dim=cfg["dec_dim"], decoder_heads=cfg["dec_heads"],
-                            in_chans=cfg.get("in_chans", 1), crop_size=cfg["img_size"],
-                            stages=cfg.get("cross_depth", 3),
-                            decoder_blocks=cfg.get("self_depth", 2) + 2 * cfg.get("cross_depth", 3),
-                            mask_ratio=cfg.get("mask_ratio", 0.75),
-                            pos_embed={"sincos": "sincos"}.get(cfg.get("pos_embed_type", "sincos"), "learnable"))
-    except KeyError as e:
-        raise ConfigError(f"authors' config lacks {e}") from None

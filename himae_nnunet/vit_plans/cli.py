@@ -5,8 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .planning import CONFIGURATION, DEFAULT_PLANS_NAME
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.vit_plans.planning import CONFIGURATION, DEFAULT_PLANS_NAME
 
 DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
 
@@ -105,7 +105,7 @@ def register(sub) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .planning import plan
+    from himae_nnunet.vit_plans.planning import plan
     out = plan(args.dataset, args.checkpoint, args.plans_name, args.base_plans, args.overwrite, args.preprocess,
                args.np, patch_size=args.patch_size, batch_size=args.batch_size, feature_size=args.feature_size,
                keep_cls_token=not args.drop_cls_token, learnable_pos_embed=not args.fixed_pos_embed,
@@ -135,8 +135,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_split(args) -> None:
-    from .nnunet_env import dataset_name
-    from .splits import add_folds, splits_file
+    from himae_nnunet.core.nnunet_env import dataset_name
+    from himae_nnunet.vit_plans.splits import add_folds, splits_file
     name = dataset_name(args.dataset)
     folds, note = add_folds(name, shots=args.shots, percent=args.percent, cases=args.cases, seed=args.seed,
                             repeats=args.repeats, from_fold=args.from_fold)
@@ -155,12 +155,12 @@ def cmd_ext_trainer_path(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .weights import export_full_network
+    from himae_nnunet.vit_plans.weights import export_full_network
     plans_file = Path(args.plans)
     if not plans_file.is_file():
         raise UserError(f"--plans {plans_file} does not exist; give the JSON written by `himae-nnunet plan`")
     plans = json.loads(plans_file.read_text())
-    from .planning import is_vit_plans
+    from himae_nnunet.vit_plans.planning import is_vit_plans
     if not is_vit_plans(plans, args.configuration):
         raise UserError(f"{plans_file} are not ViT plans written by `himae-nnunet plan`")
     dataset_json = plans_file.parent / "dataset.json"
@@ -189,8 +189,8 @@ def check_train_args(argv: list[str]) -> None:
     pos = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or not argv[i - 1].startswith("-"))]
     if len(pos) < 3:
         return  # let nnU-Net print its usage
-    from .nnunet_env import dataset_name
-    from .planning import is_vit_plans, load_plans
+    from himae_nnunet.core.nnunet_env import dataset_name
+    from himae_nnunet.vit_plans.planning import is_vit_plans, load_plans
     plans = load_plans(dataset_name(pos[0]), argv[argv.index("-p") + 1])
     if argv[argv.index("-tr") + 1].startswith(("nnUNetTrainerHiEndMAE", "nnUNetTrainerUNETR")) \
             and not is_vit_plans(plans, pos[1]):

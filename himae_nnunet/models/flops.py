@@ -7,8 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.hiend_mae import HiEndMAE
-from .models.presets import model_config
+from himae_nnunet.models.hiend_mae import HiEndMAE
+from himae_nnunet.models.presets import model_config
 
 
 def _count_macs(fn) -> float:

@@ -12,12 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.demo.settings import DATASET, DATASET_ID, PLANS, TRAINERS
 
-DATASET_ID = 990
-DATASET = f"Dataset{DATASET_ID}_HiEndDemo"
-PLANS = "nnUNetPlans_himae"
-TRAINERS = {"Hi-End-MAE": "nnUNetTrainerHiEndMAE", "scratch UNETR": "nnUNetTrainerUNETR"}
 
 
 class StageFailed(UserError):
@@ -34,7 +31,7 @@ class Demo:
         self.env = dict(os.environ)
         for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             self.env[var] = str(self.work / var)
-        from .cli_finetune import ext_trainer_path
+        from himae_nnunet.vit_plans.cli import ext_trainer_path
         self.env.update(nnUNet_extTrainer=ext_trainer_path(), nnUNet_compile="f", nnUNet_n_proc_DA="1",
                         PYTHONUNBUFFERED="1")
 
@@ -103,15 +100,15 @@ class Demo:
                 "-pfile", str(self.work / "nnUNet_preprocessed" / DATASET / f"{PLANS}.json")]))
         for i, (name, cmd) in enumerate(stages, 1):
             self.run(i, len(stages), name, cmd)
-        from .demo_report import write_report
+        from himae_nnunet.demo.report import write_report
         return write_report(self, raw, ckpt, time.time() - t0)
 
     def make_raw_dataset(self) -> Path:
-        from .synthetic import write_dataset
+        from himae_nnunet.demo.synthetic import write_dataset
         raw = self.work / "nnUNet_raw" / DATASET
         t0 = time.time()
         if self.data is not None:
-            from .demo_report import dataset_from_folder
+            from himae_nnunet.demo.report import dataset_from_folder
             dataset_from_folder(self.data, raw)
         elif not (raw / "dataset.json").exists():
             print("=== [0] synthetic CT dataset: 8 training and 2 test scans with liver, spleen, kidney labels")
@@ -142,8 +139,8 @@ def register(sub) -> None:
 
 
 def cmd_make_synthetic(args) -> None:
-    from .nnunet_env import require_folder, require_free_dataset_id
-    from .synthetic import write_dataset
+    from himae_nnunet.core.nnunet_env import require_folder, require_free_dataset_id
+    from himae_nnunet.demo.synthetic import write_dataset
     raw = Path(args.output) if args.output else require_folder("nnUNet_raw")
     require_free_dataset_id(args.dataset_id, raw)
     folder = write_dataset(raw, args.dataset_id, args.name, args.cases, args.test_cases, args.seed)

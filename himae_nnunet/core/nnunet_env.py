@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-from .errors import UserError
+from himae_nnunet.core.errors import UserError
 
 FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 

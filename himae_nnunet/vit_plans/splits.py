@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .nnunet_env import require_folder
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import require_folder
 
 
 def case_identifiers(dataset: str) -> list[str]:

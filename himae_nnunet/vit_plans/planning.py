@@ -11,8 +11,8 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
-from .errors import UserError
-from .nnunet_env import dataset_name, require_folder
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import dataset_name, require_folder
 
 DEFAULT_PLANS_NAME = "HiEndMAEPlans"
 BASE_PLANS_NAME = "nnUNetPlans"
@@ -213,8 +213,8 @@ def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
 def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_plans: str = BASE_PLANS_NAME,
          overwrite: bool = False, preprocess: bool = False, num_processes: int = 2, warn=print, **options) -> Path:
     """The whole `himae-nnunet plan` command; returns the plans file written."""
-    from .checkpoints import sha256
-    from .weights import read_pretrained
+    from himae_nnunet.checkpoint.format import sha256
+    from himae_nnunet.vit_plans.weights import read_pretrained
     name = dataset_name(dataset)
     if plans_name == base_plans or plans_name == BASE_PLANS_NAME:
         raise UserError(f"--plans-name {plans_name} would replace nnU-Net's own plans; choose another name")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (FORMAT, FORMAT_VERSION, CheckpointError, atomic_torch_save, convert_official_state_dict,
-                          infer_official_config, make_meta, official_config_from_json, read_checkpoint, safe_torch_load, sha256)
-from .models.vit import resize_pos_embed, sincos_pos_embed_3d
+from himae_nnunet.checkpoint.format import (FORMAT, FORMAT_VERSION, CheckpointError, atomic_torch_save, make_meta, read_checkpoint, safe_torch_load, sha256)
+from himae_nnunet.checkpoint.official import (convert_official_state_dict, infer_official_config, official_config_from_json)
+from himae_nnunet.models.vit import resize_pos_embed, sincos_pos_embed_3d
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 

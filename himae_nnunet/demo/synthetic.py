@@ -75,6 +75,6 @@ def write_dataset(raw_dir: str | Path, dataset_id: int = 990, name: str = "HiEnd
             sitk.WriteImage(img, str(path))
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": num_cases, "file_ending": ".nii.gz",
-        "name": name, "description": f"synthetic abdominal CT made by himae_nnunet.synthetic (seed {seed})",
+        "name": name, "description": f"synthetic abdominal CT made by himae_nnunet.demo.synthetic (seed {seed})",
     }, indent=2))
     return folder

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.demo.settings import DATASET, PLANS, TRAINERS
 
 
 def dataset_from_folder(src: Path, raw: Path) -> None:
@@ -39,7 +40,6 @@ def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .demo import DATASET, PLANS, TRAINERS
 
     labels = {v: k for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()}
     results = {name: dice_table(demo.work / "predictions" / tr / "summary.json") for name, tr in TRAINERS.items()}
@@ -94,7 +94,6 @@ def overlay_figure(raw: Path, predictions: Path, out: Path) -> None:
     """For each test case: the axial slice with most foreground, reference and both predictions outlined."""
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
-    from .demo import TRAINERS
     cases = sorted((raw / "labelsTs").glob("*.nii.gz"))
     fig, axes = plt.subplots(len(cases), 1 + len(TRAINERS), figsize=(4 * (1 + len(TRAINERS)), 4 * len(cases)),
                              squeeze=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from himae_nnunet.core.errors import UserError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 

@@ -1,23 +1,9 @@
-"""Model-level commands: `presets`, `flops`, `import-official`."""
+"""Checkpoint commands: `import-official`."""
 import json
 from pathlib import Path
 
-from .models.presets import PRESETS, model_config
-
 
 def register(sub) -> None:
-    p = sub.add_parser("presets", help="list the model presets")
-    p.set_defaults(func=cmd_presets)
-
-    p = sub.add_parser("flops", help="parameters and forward multiply-accumulates per crop")
-    p.add_argument("--model", default="vit_b12_1536", choices=list(PRESETS), help="model preset")
-    p.add_argument("--stages", type=int, nargs="+", default=[3],
-                   help="dense decoder stages B (0 = MAE baseline); several values print one row each")
-    p.add_argument("--crop", type=int, default=96, help="cubic crop edge in voxels (default 96)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--json", action="store_true", help="print one JSON object per row")
-    p.set_defaults(func=cmd_flops)
-
     p = sub.add_parser("import-official", help="convert the authors' Hi-End-MAE checkpoint into ours")
     p.add_argument("src", help="the authors' .pth file (keys with or without 'module.')")
     p.add_argument("out", help="our checkpoint to write (.pt)")
@@ -30,26 +16,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_import_official)
 
 
-def cmd_presets(args) -> None:
-    for name in PRESETS:
-        c = model_config(name)
-        print(f"{name:14s} patch {c['patch_size']:2d}  encoder {c['embed_dim']}/{c['depth']}/{c['num_heads']}"
-              f"  decoder {c['decoder_dim']}/{c['decoder_heads']}")
-
-
-def cmd_flops(args) -> None:
-    from .flops import count, format_table
-    rows = [count(args.model, b, args.crop, args.mask_ratio) for b in args.stages]
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-    else:
-        print(format_table(rows))
-
-
 def cmd_import_official(args) -> None:
-    from .checkpoints import import_official, official_config_from_json
-    from .errors import UserError
+    from himae_nnunet.checkpoint.official import import_official, official_config_from_json
+    from himae_nnunet.core.errors import UserError
     config = None
     if args.config:
         try:

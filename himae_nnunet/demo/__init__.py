@@ -1,0 +1,1 @@
+"""The demo: the whole chain on synthetic CT (or your scans), every stage as the real command."""
