@@ -17,12 +17,12 @@ import argparse
 import json
 import math
 import pydoc
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from timing import median_times_in_turns
 
 CONFIG = "3d_fullres"
 
@@ -87,24 +87,6 @@ def train_stepper(net, optimizer, clip: float, batch: int, tile, classes: int, d
             optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}  # both trainers return it like this (a sync per step)
     return step
-
-
-def alternate(fns: dict, repeats: int, warmup: int, device) -> dict:
-    """Median wall time of each function, run in turns (fair under a shared, noisy machine)."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            f()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def nnunet_predictor(net, plans: dict, dataset_json: dict, tile, device):
@@ -187,7 +169,7 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
         nets = {k: torch.compile(v) for k, v in nets.items()}
     steppers = {k: train_stepper(nets[k], *optims[k], batch, tiles[k], classes, device, cfg.get("batch_dice", False))
                 for k in nets}
-    step_s = alternate(steppers, steps, 0 if quick else 1, device)  # quick: the no-grad pass above warms up
+    step_s = median_times_in_turns(steppers, steps, 0 if quick else 1, device)  # quick: the no-grad pass above warms up
 
     plain.decoder.deep_supervision = False  # as nnU-Net's set_deep_supervision_enabled(False) for inference
     try:
@@ -197,7 +179,7 @@ def run(inputs: dict, device: torch.device, unetr_preset: str, quick: bool, step
         predictors = {k: sliding_window(nets[k], tiles[k], classes, device) for k in nets}
         how = f"nnU-Net-equivalent tiling in finetune_speed.py (nnunetv2 predictor not importable: {e.name})"
     images = {k: torch.rand(1, *shapes[k]) for k in nets}  # content does not change the time
-    infer_s = alternate({k: (lambda k=k, p=p: p(images[k])) for k, p in predictors.items()}, 1 if quick else 3,
+    infer_s = median_times_in_turns({k: (lambda k=k, p=p: p(images[k])) for k, p in predictors.items()}, 1 if quick else 3,
                         0 if quick else 1, device)
     out = {"device": str(device), "classes": classes, "quick": quick,
            "inference": how, "tile_step": 0.5, "mirroring": False, "compiled": compile_,

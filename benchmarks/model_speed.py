@@ -9,9 +9,10 @@ their ratio, and on a GPU the model FLOPs utilisation (training FLOPs = 3 x forw
 import argparse
 import json
 import platform
-import time
 
 import torch
+
+from timing import median_times_in_turns, sync
 
 from himae_nnunet.models.flops import count
 from himae_nnunet.models import HiEndMAE, model_config
@@ -52,11 +53,6 @@ def make_step(preset: str, stages: int, batch: int, device: str, compile_: bool,
     return step
 
 
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def peak_memory_gib(preset, stages, batch, device, compile_, crop) -> float | None:
     """Peak GPU memory of a fresh model trained alone for two steps (weights, AdamW state, activations)."""
     if device != "cuda":
@@ -74,21 +70,11 @@ def compare(preset, batch, steps, warmup, device, compile_, crop) -> dict:
     """B = 3 and B = 0, same encoder and batch, steps in turns (fair under background load); median times."""
     steppers = {3: make_step(preset, 3, batch, device, compile_, crop),
                 0: make_step(preset, 0, batch, device, compile_, crop)}
-    for step in steppers.values():
-        for _ in range(warmup):
-            step()
-    times = {b: [] for b in steppers}
-    for _ in range(steps):
-        for b, step in steppers.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[b].append(time.perf_counter() - t0)
+    times = median_times_in_turns(steppers, steps, warmup, device)
     out = {}
     peak = peak_tflops(device)
     for b, name in ((3, "hiend"), (0, "mae")):
-        dt = sorted(times[b])[len(times[b]) // 2]
+        dt = times[b]
         gmacs = count(preset, b, crop)["total_gmacs"]
         train_flops = 3 * 2 * gmacs * 1e9 * batch  # fwd + 2x bwd
         r = {"preset": preset, "stages": b, "batch": batch, "crop": crop, "step_s": dt, "crops_per_s": batch / dt,
@@ -97,7 +83,7 @@ def compare(preset, batch, steps, warmup, device, compile_, crop) -> dict:
         if peak:
             r["mfu"] = train_flops / dt / (peak * 1e12)
         out[name] = r
-    del steppers, step
+    del steppers
     for b, name in ((3, "hiend"), (0, "mae")):  # eager only: a compiled model would compile again here
         out[name]["peak_mem_gib"] = None if compile_ else peak_memory_gib(preset, b, batch, device, False, crop)
     return {"preset": preset, **out, "hiend_over_mae_step_time": out["hiend"]["step_s"] / out["mae"]["step_s"]}

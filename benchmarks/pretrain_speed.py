@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from timing import median_times_in_turns
+
 REPO = Path(__file__).resolve().parents[1]
 CTS = ["ct_abdomen_ts_full/example_ct.nii.gz", "ct_abdomen_ts_small/example_ct_sm.nii.gz", "ct_abdomen_ts_dicom/dicom",
        "ct_spleen_msd/sub-spleen2_ct.nii.gz", "ct_aorta_cta/ct_cropped.nii.gz", "ct_pulmonary/ct_cropped.nii.gz",
@@ -77,19 +79,7 @@ def make_stepper(model_name: str, stages: int, batches: list, device: torch.devi
 def step_times(model_name: str, batches: list, steps: int, device: torch.device, compile_: bool) -> dict:
     """Median step time per B, B = 3 and B = 0 alternating step by step (fair under a shared, noisy CPU)."""
     steppers = {b: make_stepper(model_name, b, batches, device, compile_) for b in (3, 0)}
-    for one in steppers.values():  # warm-up (and compilation)
-        one(), one()
-    times = {b: [] for b in steppers}
-    for _ in range(steps):
-        for b, one in steppers.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            one()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[b].append(time.perf_counter() - t0)
-    return {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+    return median_times_in_turns(steppers, steps, 2, device)  # 2 warm-up steps (and compilation)
 
 
 def main() -> None:

@@ -14,6 +14,28 @@ DEFINITION = ("per encoder block: A = attention values V (all heads side by side
               "N x D matrix")
 
 
+# analysis -> (help, description)
+ANALYSES = {
+    "rank": ("effective rank and singular values of attention values V per encoder block -> rank.json + PNGs",
+             "Effective rank -sum s log s (s = singular values / their sum) of each encoder block's attention "
+             "values V; " + DEFINITION + ". Writes rank.json, rank_effective.png and rank_singular_values.png "
+             "(checkpoints overlaid)."),
+    "attention": ("attention maps of a query patch",
+                  "Attention of the patch holding the query voxel to every patch, in an unmasked crop centred on "
+                  "it, per head and head-averaged, at 0-based blocks (default: the decoder taps and the last "
+                  "block, 3 6 9 11 = the paper's '3rd, 6th, 9th, 12th'). Default query: the body's centre. Writes "
+                  "attention_NAME_slice.png (axial slice through the query), attention_NAME_mip.png (max "
+                  "projection over z on the mean scan), attention_compare.png, attention_NAME.npz (maps) and "
+                  "attention.json."),
+    "reconstruct": ("masked input and reconstruction",
+                    "Masks a crop centred on the query (one seeded permutation for all ratios) and reconstructs "
+                    "it; axial, coronal and sagittal slices through the query. Masked patches are un-normalized "
+                    "with the true patches' mean and std (as the authors do), so even a model that predicts "
+                    "nothing shows their means. Writes reconstruct_NAME.png and reconstruct.json (MSE on masked "
+                    "voxels)."),
+}
+
+
 def register(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="himae-nnunet checkpoints (.pt); "
@@ -41,33 +63,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("analyze", help="effective rank, attention maps and reconstructions of checkpoints")
     kinds = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    r = kinds.add_parser("rank", parents=[common], help="effective rank and singular values of attention "
-                                                        "values V per encoder block -> rank.json + PNGs",
-                         description="Effective rank -sum s log s (s = singular values / their sum) of each "
-                                     "encoder block's attention values V; " + DEFINITION + ". Writes rank.json, "
-                                     "rank_effective.png and rank_singular_values.png (checkpoints overlaid).")
-    r.add_argument("--crops", type=int, default=32, help="random tissue-centred crops (default 32)")
-    r.add_argument("--batch-size", type=int, default=4)
-    r.set_defaults(func=cmd_rank)
-    a = kinds.add_parser("attention", parents=[common, query], help="attention maps of a query patch",
-                         description="Attention of the patch holding the query voxel to every patch, in an "
-                                     "unmasked crop centred on it, per head and head-averaged, at 0-based blocks "
-                                     "(default: the decoder taps and the last block, 3 6 9 11 = the paper's "
-                                     "'3rd, 6th, 9th, 12th'). Default query: the body's centre. Writes "
-                                     "attention_NAME_slice.png (axial slice through the query), "
-                                     "attention_NAME_mip.png (max projection over z on the mean scan), "
-                                     "attention_compare.png, attention_NAME.npz (maps) and attention.json.")
-    a.add_argument("--blocks", type=int, nargs="+", help="0-based encoder blocks (default: the taps and the "
-                                                         "last block, 3 6 9 11 for 12 blocks)")
-    a.set_defaults(func=cmd_attention)
-    c = kinds.add_parser("reconstruct", parents=[common, query], help="masked input and reconstruction",
-                         description="Masks a crop centred on the query (one seeded permutation for all ratios) "
-                                     "and reconstructs it; axial, coronal and sagittal slices through the query. "
-                                     "Masked patches are un-normalized with the true patches' mean and std (as "
-                                     "the authors do), so even a model that predicts nothing shows their means. "
-                                     "Writes reconstruct_NAME.png and reconstruct.json (MSE on masked voxels).")
-    c.add_argument("--mask-ratios", type=float, nargs="+", default=[0.75, 0.85, 0.95])
-    c.set_defaults(func=cmd_reconstruct)
+    for name, (help_text, description) in ANALYSES.items():
+        k = kinds.add_parser(name, parents=[common] if name == "rank" else [common, query], help=help_text,
+                             description=description)
+        k.set_defaults(func={"rank": cmd_rank, "attention": cmd_attention, "reconstruct": cmd_reconstruct}[name])
+        if name == "rank":
+            k.add_argument("--crops", type=int, default=32, help="random tissue-centred crops (default 32)")
+            k.add_argument("--batch-size", type=int, default=4)
+        elif name == "attention":
+            k.add_argument("--blocks", type=int, nargs="+", help="0-based encoder blocks (default: the taps and "
+                                                                 "the last block, 3 6 9 11 for 12 blocks)")
+        else:
+            k.add_argument("--mask-ratios", type=float, nargs="+", default=[0.75, 0.85, 0.95])
 
 
 class Inputs:
