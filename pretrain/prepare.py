@@ -16,7 +16,7 @@ from pathlib import Path
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
 from himae_nnunet.core.ct_plans import ensure_base_plans, nnunet_command, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.scans.imageio import find_scans, read_scan
+from himae_nnunet.scans.imageio import check_ct_hu, find_scans, read_scan
 from himae_nnunet.core.nnunet_env import dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
@@ -76,8 +76,9 @@ def raw_images(raw_folder: Path) -> dict:
     return {k: v["images"] for k, v in get_filenames_of_train_images_and_targets(str(raw_folder), ds_json).items()}
 
 
-def check_raw_dataset(raw_folder: Path) -> dict:
-    """dataset.json and every image readable, 3D, finite, with spacing; one channel. Returns dataset.json."""
+def check_raw_dataset(raw_folder: Path, allow_non_ct: bool = False) -> dict:
+    """dataset.json and every image readable, 3D, finite, with spacing, CT in HU (unless allow_non_ct); one
+    channel. Returns dataset.json."""
     ds_file = raw_folder / "dataset.json"
     if not ds_file.is_file():
         raise UserError(f"{ds_file} is missing; every nnU-Net raw dataset needs one")
@@ -97,7 +98,9 @@ def check_raw_dataset(raw_folder: Path) -> dict:
         raise UserError(f"{raw_folder} has no training images (imagesTr is empty)")
     for files in cases.values():
         for f in files:
-            read_scan(f)
+            image = read_scan(f)
+            if not allow_non_ct:
+                check_ct_hu(image, f)
     return ds_json
 
 
@@ -108,7 +111,7 @@ def preprocessed_complete(folder: Path, cases) -> bool:
 
 def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, crop_size=(96, 96, 96),
                     plans_name: str | None = None, source_plans: str = "nnUNetPlans", num_processes: int = 2,
-                    overwrite: bool = False, check_images: bool = True) -> Path:
+                    overwrite: bool = False, check_images: bool = True, allow_non_ct: bool = False) -> Path:
     """Plan (if the dataset has no plans yet) and preprocess one dataset for pretraining.
 
     Returns the folder of preprocessed cases."""
@@ -125,7 +128,7 @@ def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, cro
     print(f"{name}: preparing pretraining data ({plans_name}: spacing {list(spacing)} mm, "
           f"window {list(window)} HU -> [0, 1])")
     if check_images:
-        check_raw_dataset(raw_folder)
+        check_raw_dataset(raw_folder, allow_non_ct)
     pre_folder = pre_root / name
     ds_id = int(name[7:10])
     base = ensure_base_plans(pre_folder, source_plans, num_processes)
@@ -179,7 +182,8 @@ def case_ids(scans: list[Path], root: Path) -> list[str]:
     return ids
 
 
-def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = False) -> Path:
+def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = False,
+                 allow_non_ct: bool = False) -> Path:
     """Unlabelled scans (NIfTI, NRRD, MHA, DICOM series; mixed) -> nnUNet_raw/DatasetXXX_NAME.
 
     Images become CASE_0000.nii.gz. labelsTr holds a body mask (HU > -500, label 1 "body"): nnU-Net's
@@ -204,6 +208,8 @@ def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = F
         for scan, cid in zip(scans, case_ids(scans, input_dir)):
             try:
                 image = read_scan(scan)
+                if not allow_non_ct:
+                    check_ct_hu(image, scan)
             except UserError as e:
                 if not skip_bad_cases:
                     raise UserError(f"{e}\n(nothing was imported; --skip-bad-cases leaves bad scans out)") from None
