@@ -275,7 +275,7 @@ class CropDataset(torch.utils.data.Dataset):
         index = ensure_crop_index(folder, cid, lambda: data[0])
         if tuple(data.shape[1:]) != index.shape:
             raise ValueError(f"array shape {tuple(data.shape[1:])} differs from its crop index {index.shape}")
-        return CaseView(data, index, self.crop)
+        return CaseView(data, index, self.crop, self.n)
 
     def __getitem__(self, key):
         step, micro, g = key
@@ -312,32 +312,50 @@ class CropDataset(torch.utils.data.Dataset):
         centres = np.empty((self.n, 3), np.int64)
         for i in range(self.n):
             centres[i] = vol.index.pick(rng, bool(rng.random() < self.tissue_fraction))
-            crops[i, 0] = vol.crop_at(centres[i])
+            vol.crop_at(centres[i], out=crops[i, 0])
         return crops, centres
 
 
+WHOLE_READ_FACTOR = 0.3  # measured: one whole-volume decompression beats n crop-window reads below this
+
+
 class CaseView:
-    """One case for cropping: the lazily opened (1, z, y, x) blosc2 array and its CropIndex. Volumes smaller
-    than a crop are treated as centred in an air-padded (0) box of at least the crop size."""
+    """One case for cropping: its (1, z, y, x) array and CropIndex. The blosc2 array stays lazy (each crop
+    decompresses only the chunks under its window) unless the volume is small against the n crops it serves
+    (under WHOLE_READ_FACTOR * n crops' voxels), where one whole read is cheaper. Volumes smaller than a crop
+    are treated as centred in an air-padded (0) box of at least the crop size."""
 
-    def __init__(self, data, index: CropIndex, crop):
-        self.data, self.index, self.crop = data, index, np.array(crop)
+    def __init__(self, data, index: CropIndex, crop, n_crops: int = 1):
+        self.index, self.crop = index, np.array(crop)
         self.shape = np.array(index.shape)
-        self.offset = np.maximum(0, self.crop - self.shape) // 2  # of the volume inside the padded box
+        self.box = np.maximum(self.shape, self.crop)
+        self.offset = (self.box - self.shape) // 2  # of the volume inside the padded box
+        self.data, self.boxed = data, None  # boxed: the whole volume in its padded box, when read at once
+        if np.prod(self.shape) <= WHOLE_READ_FACTOR * n_crops * np.prod(self.crop):
+            whole = np.asarray(data[:], dtype=np.float32)  # (1, z, y, x)
+            if not np.isfinite(whole).all():
+                raise ValueError("non-finite voxels")
+            self.data = whole
+            self.boxed = np.pad(whole[0], [(o, b - s - o) for o, b, s in zip(self.offset, self.box, self.shape)])
 
-    def crop_at(self, centre: np.ndarray) -> np.ndarray:
-        """The crop around `centre` (volume voxel), shifted inside the padded box; reads only its window."""
-        box = np.maximum(self.shape, self.crop)
-        lo = np.clip(centre + self.offset - self.crop // 2, 0, box - self.crop) - self.offset  # volume coords
+    def crop_at(self, centre: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The crop around `centre` (volume voxel), shifted inside the padded box, written into `out` (new
+        if None); a lazy array decompresses only the crop's window."""
+        out = np.empty(tuple(self.crop), np.float32) if out is None else out
+        lo = np.clip(centre + self.offset - self.crop // 2, 0, self.box - self.crop)  # box coordinates
+        if self.boxed is not None:
+            out[...] = self.boxed[tuple(slice(a, a + c) for a, c in zip(lo, self.crop))]
+            return out
+        lo = lo - self.offset  # volume coordinates
         src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + self.crop, self.shape)
         window = np.asarray(self.data[(0, *(slice(a, b) for a, b in zip(src_lo, src_hi)))], dtype=np.float32)
         if not np.isfinite(window).all():
             raise ValueError("non-finite voxels")
         if window.shape == tuple(self.crop):
-            return window
-        out = np.zeros(tuple(self.crop), np.float32)
-        dst = src_lo - lo
-        out[tuple(slice(a, a + n) for a, n in zip(dst, window.shape))] = window
+            out[...] = window
+        else:
+            out[...] = 0
+            out[tuple(slice(a, a + n) for a, n in zip(src_lo - lo, window.shape))] = window
         return out
 
 
