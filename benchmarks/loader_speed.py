@@ -1,4 +1,5 @@
-"""Loader crops/s per worker: our pretraining loader vs the authors' MONAI pipeline, on the same real CTs.
+"""Loader crops/s per worker: our pretraining loader (lazy crop reads, before/after) vs the authors' MONAI
+pipeline, on the same real CTs.
 
 Both run as one loader process would in a DataLoader worker: in-process (num_workers=0, so no prefetched
 batches bias the clock), one torch thread, one blosc2 thread; 96^3 crops, 8 crops per loaded volume;
@@ -8,6 +9,11 @@ the median round counts. Ours reads the nnU-Net-preprocessed volumes (1.5 mm, [0
 as the authors' loader does. The one-off preparation time is reported separately. A second MONAI figure
 keeps every volume after CropForeground in RAM (CacheDataset, filling not timed): only the random part
 (RandCropByPosNegLabel with its foreground/background search, flips, rotations, intensity) runs per batch.
+
+Before / after (issue 15): "whole" is the loader as it was until the crop index, which decompressed and
+checked the whole volume for every item (8 crops); "lazy" (the loader now) decompresses only the blosc2
+chunks under the 8 crop windows and takes the centres from the per-case crop index. Both run on the largest
+CTs alone (uncropped: the full abdominal CT and the NRRD chest CT, `--largest`) and on all of them.
 
     python benchmarks/loader_speed.py --data ../shared/data --rounds 3 --volumes 14
 """
@@ -21,6 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,10 +76,47 @@ def timed(loader, batches: int) -> float:
     return crops / dt
 
 
-def ours_round(ds_id: int, volumes: int, seed: int) -> float:
+LARGEST = ("ct_abdomen_ts_full", "ct_lung_radiomics1")  # case-id prefixes: the biggest volumes at 1.5 mm
+
+
+def whole_volume_dataset():
+    """The loader as before the crop index: each item decompresses and checks the whole volume."""
+    from himae_nnunet.pretrain.data import CaseView, CropDataset
+
+    class WholeVolumeCrops(CropDataset):
+        def load_volume(self, si, cid):
+            lazy = super().load_volume(si, cid)
+            return CaseView(lazy.data, lazy.index, self.crop, n_crops=10 ** 9)  # 10**9: always a whole read
+    return WholeVolumeCrops
+
+
+def ours_round(ds_id: int, volumes: int, seed: int, whole: bool = False, only=None) -> float:
+    """crops/s of one in-process loader; `whole`: the old whole-volume read; `only`: case-id prefixes."""
+    from dataclasses import replace
+
     from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
-    dataset = CropDataset(find_sources([ds_id]), (96, 96, 96), 8, seed=seed, patch_size=16)
+    sources = find_sources([ds_id])
+    if only:
+        sources = [replace(s, identifiers=[c for c in s.identifiers if c.startswith(only)]) for s in sources]
+    cls = whole_volume_dataset() if whole else CropDataset
+    dataset = cls(sources, (96, 96, 96), 8, seed=seed, patch_size=16)
     return timed(make_loader(dataset, StepBatches(0, volumes + 1, 1, 1), workers=0), volumes)
+
+
+def before_after(ds_id: int, rounds: int, volumes: int) -> dict:
+    """Lazy vs whole-volume reads on the largest CTs and on all, alternating round by round; medians."""
+    from tqdm import tqdm
+    runs = {f"{name}_{mode}": [] for name in ("largest", "all") for mode in ("whole", "lazy")}
+    with one_thread():
+        for r in tqdm(range(rounds), desc="before/after rounds", unit="round"):
+            for name, only in (("largest", LARGEST), ("all", None)):
+                for mode in ("whole", "lazy"):
+                    runs[f"{name}_{mode}"].append(ours_round(ds_id, volumes, r, mode == "whole", only))
+    out = {f"{k}_crops_per_s": statistics.median(v) for k, v in runs.items()}
+    out.update({f"{k}_rounds": v for k, v in runs.items()}, largest_cases=list(LARGEST))
+    for name in ("largest", "all"):
+        out[f"{name}_lazy_over_whole"] = out[f"{name}_lazy_crops_per_s"] / out[f"{name}_whole_crops_per_s"]
+    return out
 
 
 def monai_round(files: list, volumes: int, seed: int, cached: bool = False) -> float:
@@ -115,10 +159,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--volumes", type=int, default=28, help="volumes timed per round, ours and MONAI cached")
     ap.add_argument("--monai-volumes", type=int, default=7, help="volumes timed per round, MONAI")
+    ap.add_argument("--before-after-only", action="store_true", help="only lazy vs whole-volume reads, no MONAI")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ds, prep_s = (args.dataset, None) if args.dataset else prepare(Path(tmp), Path(args.data))
-        res = compare(ds, args.rounds, args.volumes, args.monai_volumes)
+        res = {} if args.before_after_only else compare(ds, args.rounds, args.volumes, args.monai_volumes)
+        res["before_after"] = before_after(ds, args.rounds, args.volumes)
     res["prepare_s"] = prep_s
     print(json.dumps(res))
     return res

@@ -102,7 +102,7 @@ def main() -> None:
         write_ab_dataset(data, work / "nnUNet_raw", TARGET_ID)
     pre = work / "nnUNet_preprocessed" / raw.name
     for method, plans in (("hiend", "HiEndPlans"), ("mae", "MAEPlans")):
-        if not (pre / f"{plans}_3d_fullres").exists():
+        if not (pre / f"{plans}_3d_fullres_zlin").exists():
             opts = ["--epochs", s["epochs"], "--iterations-per-epoch", s["iterations"]] + \
                    ([] if s["tta"] else ["--no-tta-mirroring"])
             times[f"plan + preprocess {plans}"] = sh(

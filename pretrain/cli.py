@@ -15,6 +15,8 @@ def _prep_options(p, with_crop=True) -> None:
                    help="the dataset's nnU-Net plans to copy (default nnUNetPlans; planned if missing)")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="nnU-Net preprocessing workers")
     p.add_argument("--overwrite", action="store_true", help="redo the pretraining plans and data")
+    p.add_argument("--allow-non-ct", action="store_true", help="accept scans whose intensities do not look like CT "
+                                                               "in HU (no air below -500); they are windowed as HU")
 
 
 def register(sub) -> None:
@@ -85,7 +87,7 @@ def _crop(values) -> tuple:
 def _prepare_kwargs(args) -> dict:
     return dict(spacing=args.spacing, window=args.window, crop_size=_crop(args.crop_size),
                 plans_name=args.plans_name, source_plans=args.source_plans, num_processes=args.num_processes,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, allow_non_ct=args.allow_non_ct)
 
 
 def cmd_prepare(args) -> None:
@@ -97,7 +99,8 @@ def cmd_prepare(args) -> None:
 def cmd_import(args) -> None:
     from himae_nnunet.core.errors import UserError
     from himae_nnunet.pretrain.prepare import import_scans, prepare_dataset
-    folder = import_scans(args.input, args.dataset_id, args.name, skip_bad_cases=args.skip_bad_cases)
+    folder = import_scans(args.input, args.dataset_id, args.name, skip_bad_cases=args.skip_bad_cases,
+                          allow_non_ct=args.allow_non_ct)
     if not args.no_prepare:
         try:
             prepare_dataset(folder.name, check_images=False, **_prepare_kwargs(args))

@@ -4,14 +4,20 @@ Every sample is a pure function of (seed, step, micro-batch, global volume index
 centres (3:1 tissue vs air), the augmentation and the token permutation. Hence the loader needs no state
 to resume (it restarts at a step), any number of workers gives the same batches, and DDP ranks together
 draw exactly the batch one process would draw with the same global batch.
+
+Reading: an item opens the case's blosc2 array lazily and decompresses only the chunks under its crop
+windows; crop centres come from a per-case index of tissue and air locations (`CropIndex`), built once from
+the whole volume, stored beside nnU-Net's data folder (never inside it) and rebuilt when the array changes.
 """
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
@@ -58,7 +64,8 @@ def find_plans(pre_folder: Path, plans_name: str | None) -> Path:
 
 
 def find_sources(datasets, weights=None, plans_name: str | None = None, skip_bad_cases: bool = False) -> list:
-    """Resolve dataset ids to prepared Sources; every case is opened once so a bad file fails here, by name."""
+    """Resolve dataset ids to prepared Sources; every case is opened once so a bad file fails here, by name, and
+    its crop index is built if missing or stale."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     if not datasets:
         raise UserError("give at least one --dataset")
@@ -90,11 +97,12 @@ def find_sources(datasets, weights=None, plans_name: str | None = None, skip_bad
                 raise UserError(f"{msg}; re-run prepare-pretrain --overwrite for {name}, or pass "
                                 f"--skip-bad-cases to leave it out")
             skipped.append(msg)
-        for cid in nn_ds.identifiers:
+        for cid in tqdm(nn_ds.identifiers, desc=f"{name}: cases and crop indices", unit="case", leave=False):
             try:
                 data = nn_ds.load_case(cid)[0]
                 if len(data.shape) != 4 or data.shape[0] != 1:
                     raise ValueError(f"shape {tuple(data.shape)}, expected one channel of a 3D volume")
+                ensure_crop_index(folder, cid, lambda: data[0])
                 ids.append(cid)
             except Exception as e:  # truncated/corrupted blosc2 or pickle files
                 msg = f"{folder / cid}.*: cannot be read ({type(e).__name__}: {str(e)[:150]})"
@@ -152,17 +160,92 @@ def seeded_global_rngs(seed: int):
             np.random.set_state(np_state)
 
 
-def pick_centre(vol: np.ndarray, rng: np.random.Generator, tissue: bool) -> np.ndarray:
-    """A uniformly random voxel that is tissue (> 0) or air (<= 0); any voxel if there is none."""
-    shape = np.array(vol.shape)
-    cand = rng.integers(0, shape, size=(64, 3))  # rejection sampling: cheap and uniform over the matches
-    hit = np.flatnonzero((vol[tuple(cand.T)] > 0) == tissue)
-    if hit.size:
-        return cand[hit[0]]
-    idx = np.flatnonzero((vol > 0) == tissue)
-    if idx.size == 0:
-        return rng.integers(0, shape)
-    return np.array(np.unravel_index(idx[rng.integers(idx.size)], vol.shape))
+TISSUE_THRESHOLD = 1e-2  # window units: above nnU-Net's cubic-resampling overshoot in air (~1e-8 .. 1e-2)
+INDEX_SAMPLES = 10_000  # locations kept per class and case (nnU-Net keeps up to 10000 per class, too)
+INDEX_VERSION = 1
+
+
+def index_folder(data_folder: Path) -> Path:
+    """Where the crop indices of an nnU-Net data folder live: beside it, in the dataset's preprocessed folder."""
+    return Path(data_folder).parent / "himae_crop_index" / Path(data_folder).name
+
+
+def _source_stamp(array_file: Path) -> list:
+    st = os.stat(array_file)
+    return [INDEX_VERSION, INDEX_SAMPLES, TISSUE_THRESHOLD, st.st_size, st.st_mtime_ns]
+
+
+def _stamp_text(stamp: list) -> str:
+    return json.dumps([repr(v) for v in stamp])
+
+
+@dataclass
+class CropIndex:
+    """Tissue (> TISSUE_THRESHOLD) and air voxel locations of one case: a uniform random sample of each class
+    (uint16 z, y, x rows), the class sizes and the volume shape. A draw from the sample is a uniform draw
+    over the class."""
+    shape: tuple
+    tissue: np.ndarray  # (n, 3)
+    air: np.ndarray  # (m, 3)
+    n_tissue: int
+    n_air: int
+
+    @classmethod
+    def build(cls, vol: np.ndarray) -> "CropIndex":
+        """From the whole (z, y, x) volume; the sample is a fixed function of the volume (seed 0)."""
+        if not np.isfinite(vol).all():
+            raise ValueError("non-finite voxels")
+        rng = np.random.default_rng(0)
+        tissue = vol > TISSUE_THRESHOLD
+        picks = []
+        for mask in (tissue, ~tissue):
+            flat = np.flatnonzero(mask)
+            if flat.size > INDEX_SAMPLES:
+                flat = np.sort(rng.choice(flat, INDEX_SAMPLES, replace=False))
+            picks.append(np.stack(np.unravel_index(flat, vol.shape), axis=1).astype(np.uint16))
+        n_tissue = int(tissue.sum())
+        return cls(tuple(vol.shape), picks[0], picks[1], n_tissue, int(vol.size) - n_tissue)
+
+    def save(self, path: Path, stamp: list) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, shape=np.array(self.shape), tissue=self.tissue, air=self.air,
+                     counts=np.array([self.n_tissue, self.n_air]), stamp=np.array(_stamp_text(stamp)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, stamp: list | None = None) -> "CropIndex | None":
+        """The index at `path`; None when it is missing, unreadable or (given `stamp`) stale."""
+        try:
+            with np.load(path) as z:
+                if stamp is not None and str(z["stamp"]) != _stamp_text(stamp):
+                    return None
+                return cls(tuple(int(v) for v in z["shape"]), z["tissue"], z["air"], *map(int, z["counts"]))
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def pick(self, rng: np.random.Generator, tissue: bool) -> np.ndarray:
+        """A uniformly random tissue or air voxel (z, y, x); any voxel when the class is empty."""
+        locations = self.tissue if tissue else self.air
+        if len(locations) == 0:
+            return rng.integers(0, self.shape)
+        return locations[rng.integers(len(locations))].astype(np.int64)
+
+
+def ensure_crop_index(data_folder: Path, cid: str, load_array) -> CropIndex:
+    """The case's index, (re)built from the whole volume (`load_array()` -> (z, y, x)) when missing or stale."""
+    path = index_folder(data_folder) / f"{cid}.npz"
+    stamp = _source_stamp(Path(data_folder) / f"{cid}.b2nd")
+    index = CropIndex.load(path, stamp)
+    if index is None:
+        index = CropIndex.build(np.asarray(load_array(), dtype=np.float32))
+        try:
+            index.save(path, stamp)
+        except OSError as e:
+            raise UserError(f"cannot write the crop index {path} ({e.strerror}); pretraining needs write access "
+                            f"to {path.parent.parent}") from None
+    return index
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -185,15 +268,14 @@ class CropDataset(torch.utils.data.Dataset):
                               for s in self.sources]
         return self._datasets[si]
 
-    def load_volume(self, si: int, cid: str) -> np.ndarray:
+    def load_volume(self, si: int, cid: str) -> "CaseView":
+        """The case's array, opened lazily (nothing decompressed yet), and its crop index."""
+        folder = self.sources[si].folder
         data = self._open(si).load_case(cid)[0]
-        vol = np.asarray(data[0], dtype=np.float32)
-        if not np.isfinite(vol).all():
-            raise ValueError("non-finite voxels")
-        pad = [max(0, c - s) for c, s in zip(self.crop, vol.shape)]
-        if any(pad):  # volumes smaller than a crop: pad with air (0)
-            vol = np.pad(vol, [(p // 2, p - p // 2) for p in pad])
-        return vol
+        index = ensure_crop_index(folder, cid, lambda: data[0])
+        if tuple(data.shape[1:]) != index.shape:
+            raise ValueError(f"array shape {tuple(data.shape[1:])} differs from its crop index {index.shape}")
+        return CaseView(data, index, self.crop, self.n)
 
     def __getitem__(self, key):
         step, micro, g = key
@@ -203,7 +285,7 @@ class CropDataset(torch.utils.data.Dataset):
             si = int(rng.choice(len(self.sources), p=self.p))
             cid = self.sources[si].identifiers[int(rng.integers(len(self.sources[si].identifiers)))]
             try:
-                vol = self.load_volume(si, cid)
+                crops, centres = self.crops(self.load_volume(si, cid), rng)
                 break
             except Exception as e:
                 errors.append(f"{self.sources[si].folder / cid}.b2nd: {type(e).__name__}: {str(e)[:150]}")
@@ -211,12 +293,6 @@ class CropDataset(torch.utils.data.Dataset):
                     return {"error": f"cannot read {errors[-1]}; pass --skip-bad-cases to leave bad cases out"}
         else:
             return {"error": "10 bad cases in a row:\n" + "\n".join(errors)}
-        crops = np.empty((self.n, 1, *self.crop), np.float32)
-        half = np.array(self.crop) // 2
-        for i in range(self.n):
-            c = pick_centre(vol, rng, bool(rng.random() < self.tissue_fraction))
-            lo = np.clip(c - half, 0, np.array(vol.shape) - self.crop)
-            crops[i, 0] = vol[lo[0]:lo[0] + self.crop[0], lo[1]:lo[1] + self.crop[1], lo[2]:lo[2] + self.crop[2]]
         np.clip(crops, 0.0, 1.0, out=crops)  # nnU-Net's cubic resampling overshoots the window slightly
         images = torch.from_numpy(crops)
         if self.augment:
@@ -227,7 +303,60 @@ class CropDataset(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 63)))
         perm = torch.rand(self.n, self.num_tokens, generator=gen).argsort(dim=1)
         return {"image": images.contiguous(), "perm": perm, "case": f"{self.sources[si].name}/{cid}",
-                "skipped": errors, "error": None}
+                "centres": centres, "skipped": errors, "error": None}
+
+    def crops(self, vol: "CaseView", rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 1, *crop) crops of one case, each centred on a tissue voxel with probability tissue_fraction,
+        else on an air voxel; and the (n, 3) centres (volume voxels)."""
+        crops = np.empty((self.n, 1, *self.crop), np.float32)
+        centres = np.empty((self.n, 3), np.int64)
+        for i in range(self.n):
+            centres[i] = vol.index.pick(rng, bool(rng.random() < self.tissue_fraction))
+            vol.crop_at(centres[i], out=crops[i, 0])
+        return crops, centres
+
+
+WHOLE_READ_FACTOR = 0.3  # measured: one whole-volume decompression beats n crop-window reads below this
+
+
+class CaseView:
+    """One case for cropping: its (1, z, y, x) array and CropIndex. The blosc2 array stays lazy (each crop
+    decompresses only the chunks under its window) unless the volume is small against the n crops it serves
+    (under WHOLE_READ_FACTOR * n crops' voxels), where one whole read is cheaper. Volumes smaller than a crop
+    are treated as centred in an air-padded (0) box of at least the crop size."""
+
+    def __init__(self, data, index: CropIndex, crop, n_crops: int = 1):
+        self.index, self.crop = index, np.array(crop)
+        self.shape = np.array(index.shape)
+        self.box = np.maximum(self.shape, self.crop)
+        self.offset = (self.box - self.shape) // 2  # of the volume inside the padded box
+        self.data, self.boxed = data, None  # boxed: the whole volume in its padded box, when read at once
+        if np.prod(self.shape) <= WHOLE_READ_FACTOR * n_crops * np.prod(self.crop):
+            whole = np.asarray(data[:], dtype=np.float32)  # (1, z, y, x)
+            if not np.isfinite(whole).all():
+                raise ValueError("non-finite voxels")
+            self.data = whole
+            self.boxed = np.pad(whole[0], [(o, b - s - o) for o, b, s in zip(self.offset, self.box, self.shape)])
+
+    def crop_at(self, centre: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The crop around `centre` (volume voxel), shifted inside the padded box, written into `out` (new
+        if None); a lazy array decompresses only the crop's window."""
+        out = np.empty(tuple(self.crop), np.float32) if out is None else out
+        lo = np.clip(centre + self.offset - self.crop // 2, 0, self.box - self.crop)  # box coordinates
+        if self.boxed is not None:
+            out[...] = self.boxed[tuple(slice(a, a + c) for a, c in zip(lo, self.crop))]
+            return out
+        lo = lo - self.offset  # volume coordinates
+        src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + self.crop, self.shape)
+        window = np.asarray(self.data[(0, *(slice(a, b) for a, b in zip(src_lo, src_hi)))], dtype=np.float32)
+        if not np.isfinite(window).all():
+            raise ValueError("non-finite voxels")
+        if window.shape == tuple(self.crop):
+            out[...] = window
+        else:
+            out[...] = 0
+            out[tuple(slice(a, a + n) for a, n in zip(src_lo - lo, window.shape))] = window
+        return out
 
 
 def collate(items: list) -> dict:

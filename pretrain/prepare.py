@@ -10,14 +10,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from copy import deepcopy
 from pathlib import Path
 
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
+from himae_nnunet.core.ct_plans import ensure_base_plans, nnunet_command, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.scans.imageio import find_scans, read_scan
+from himae_nnunet.scans.imageio import check_ct_hu, find_scans, read_scan
 from himae_nnunet.core.nnunet_env import dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
@@ -43,23 +42,10 @@ def check_settings(spacing, window, crop_size) -> None:
         raise UserError(f"--crop-size {list(crop_size)}: give one or three positive sizes in voxels")
 
 
-def nnunet_command(name: str, *args) -> None:
-    """Run a stock nnU-Net command; on failure raise UserError with the end of its output."""
-    exe = Path(sys.executable).with_name(name)
-    cmd = [str(exe) if exe.exists() else name, *map(str, args)]
-    print("  $", name, *cmd[1:], flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    except FileNotFoundError:
-        raise UserError(f"{name} was not found; install nnunetv2 into this environment") from None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise UserError(f"{name} failed (exit {proc.returncode}); its last output:\n{tail}")
-
-
 def pretrain_plans(base: dict, plans_name: str, spacing, window, crop_size, base_name: str) -> dict:
     """A copy of the dataset's plans for pretraining: one configuration at `spacing`, CT normalization set to
-    map `window` (HU) to [0, 1], identity transpose (isotropic target, so every dataset keeps z, y, x)."""
+    map `window` (HU) to [0, 1], slice-axis interpolation (core/ct_plans.py), identity transpose (isotropic
+    target, so every dataset keeps z, y, x)."""
     if CONFIGURATION not in base.get("configurations", {}):
         raise UserError(f"plans {base_name} have no {CONFIGURATION} configuration; re-plan the dataset with "
                         f"nnUNetv2_plan_experiment")
@@ -72,13 +58,12 @@ def pretrain_plans(base: dict, plans_name: str, spacing, window, crop_size, base
     if len(old_median) == 3 and len(old_spacing) == 3:
         cfg["median_image_size_in_voxels"] = [round(old_median[o] * old_spacing[o] / s)
                                               for o, s in zip(old_order, spacing)]
-    cfg.update(data_identifier=f"{plans_name}_{CONFIGURATION}", spacing=[float(s) for s in spacing],
-               normalization_schemes=["CTNormalization"], use_mask_for_norm=[False],
+    cfg.update(normalization_schemes=["CTNormalization"], use_mask_for_norm=[False],
                patch_size=[int(c) for c in crop_size])  # patch size sets nnU-Net's blosc2 chunking
     plans.update(plans_name=plans_name, configurations={CONFIGURATION: cfg},
                  transpose_forward=[0, 1, 2], transpose_backward=[0, 1, 2])
-    plans["foreground_intensity_properties_per_channel"] = {"0": dict(
-        mean=lo, std=hi - lo, percentile_00_5=lo, percentile_99_5=hi, median=(lo + hi) / 2, min=lo, max=hi)}
+    plans["foreground_intensity_properties_per_channel"] = {"0": {}}
+    set_ct_preprocessing(plans, CONFIGURATION, spacing, window)
     plans[PLANS_KEY] = dict(spacing=[float(s) for s in spacing], window=[lo, hi], source_plans=base_name,
                             note="written by himae-nnunet prepare-pretrain; do not edit, re-run it instead")
     return plans
@@ -91,8 +76,9 @@ def raw_images(raw_folder: Path) -> dict:
     return {k: v["images"] for k, v in get_filenames_of_train_images_and_targets(str(raw_folder), ds_json).items()}
 
 
-def check_raw_dataset(raw_folder: Path) -> dict:
-    """dataset.json and every image readable, 3D, finite, with spacing; one channel. Returns dataset.json."""
+def check_raw_dataset(raw_folder: Path, allow_non_ct: bool = False) -> dict:
+    """dataset.json and every image readable, 3D, finite, with spacing, CT in HU (unless allow_non_ct); one
+    channel. Returns dataset.json."""
     ds_file = raw_folder / "dataset.json"
     if not ds_file.is_file():
         raise UserError(f"{ds_file} is missing; every nnU-Net raw dataset needs one")
@@ -112,7 +98,9 @@ def check_raw_dataset(raw_folder: Path) -> dict:
         raise UserError(f"{raw_folder} has no training images (imagesTr is empty)")
     for files in cases.values():
         for f in files:
-            read_scan(f)
+            image = read_scan(f)
+            if not allow_non_ct:
+                check_ct_hu(image, f)
     return ds_json
 
 
@@ -123,7 +111,7 @@ def preprocessed_complete(folder: Path, cases) -> bool:
 
 def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, crop_size=(96, 96, 96),
                     plans_name: str | None = None, source_plans: str = "nnUNetPlans", num_processes: int = 2,
-                    overwrite: bool = False, check_images: bool = True) -> Path:
+                    overwrite: bool = False, check_images: bool = True, allow_non_ct: bool = False) -> Path:
     """Plan (if the dataset has no plans yet) and preprocess one dataset for pretraining.
 
     Returns the folder of preprocessed cases."""
@@ -140,21 +128,14 @@ def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, cro
     print(f"{name}: preparing pretraining data ({plans_name}: spacing {list(spacing)} mm, "
           f"window {list(window)} HU -> [0, 1])")
     if check_images:
-        check_raw_dataset(raw_folder)
+        check_raw_dataset(raw_folder, allow_non_ct)
     pre_folder = pre_root / name
-    base_file = pre_folder / f"{source_plans}.json"
     ds_id = int(name[7:10])
-    if not base_file.is_file():
-        if source_plans != "nnUNetPlans":
-            raise UserError(f"{base_file} does not exist; plan the dataset with that planner first, or drop "
-                            f"--source-plans to let himae-nnunet run nnU-Net's default planning")
-        print(f"  {name} has no nnU-Net plans yet: running nnU-Net's fingerprint extraction and planning")
-        nnunet_command("nnUNetv2_extract_fingerprint", "-d", ds_id, "-np", num_processes)
-        nnunet_command("nnUNetv2_plan_experiment", "-d", ds_id)
+    base = ensure_base_plans(pre_folder, source_plans, num_processes)
     if not (pre_folder / "dataset.json").is_file():
         shutil.copy(raw_folder / "dataset.json", pre_folder / "dataset.json")
 
-    plans = pretrain_plans(json.loads(base_file.read_text()), plans_name, spacing, window, crop_size, source_plans)
+    plans = pretrain_plans(base, plans_name, spacing, window, crop_size, source_plans)
     plans_file = pre_folder / f"{plans_name}.json"
     data_folder = pre_folder / plans["configurations"][CONFIGURATION]["data_identifier"]
     cases = raw_images(raw_folder)
@@ -201,7 +182,8 @@ def case_ids(scans: list[Path], root: Path) -> list[str]:
     return ids
 
 
-def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = False) -> Path:
+def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = False,
+                 allow_non_ct: bool = False) -> Path:
     """Unlabelled scans (NIfTI, NRRD, MHA, DICOM series; mixed) -> nnUNet_raw/DatasetXXX_NAME.
 
     Images become CASE_0000.nii.gz. labelsTr holds a body mask (HU > -500, label 1 "body"): nnU-Net's
@@ -226,6 +208,8 @@ def import_scans(input_dir, dataset_id: int, name: str, skip_bad_cases: bool = F
         for scan, cid in zip(scans, case_ids(scans, input_dir)):
             try:
                 image = read_scan(scan)
+                if not allow_non_ct:
+                    check_ct_hu(image, scan)
             except UserError as e:
                 if not skip_bad_cases:
                     raise UserError(f"{e}\n(nothing was imported; --skip-bad-cases leaves bad scans out)") from None

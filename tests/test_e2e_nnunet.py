@@ -76,7 +76,7 @@ def test_hiend_mae_chain(chain):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     env, root, pre = chain["env"], chain["root"], chain["pre"]
     # ViT data: stock preprocessing with our plans gives [0, 1] at 3 mm; the baseline plans and data are untouched
-    folder = pre / f"{PLANS}_3d_fullres"
+    folder = pre / f"{PLANS}_3d_fullres_zlin"
     data, seg, _, props = infer_dataset_class(str(folder))(str(folder), ["patientA"]).load_case("patientA")
     data = np.asarray(data)
     assert data.min() >= 0 and data.max() <= 1 and data.max() > 0.99 and data.shape[1:] == (112, 101, 122)

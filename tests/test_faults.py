@@ -281,7 +281,7 @@ def test_corrupted_properties_and_missing_array_are_named(tree, nnunet_dirs, tmp
     src = tree["root"] / "nnUNet_preprocessed" / "Dataset501_Unlabelled"
     dst = nnunet_dirs["nnUNet_preprocessed"] / src.name
     shutil.copytree(src, dst)
-    folder = dst / "nnUNetPlans_himaePretrain_3d_fullres"
+    folder = dst / "nnUNetPlans_himaePretrain_3d_fullres_zlin"
     args = ["pretrain", *CLI_TINY, "--steps", "2"]
     (folder / "patientB.pkl").write_bytes(b"\x80\x04garbage")
     assert main([*args, "--output", str(tmp_path / "a")]) == 2

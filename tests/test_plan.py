@@ -44,7 +44,7 @@ def test_derive_spacing_window_patch():
     cfg = plans["configurations"]["3d_fullres"]
     assert list(plans["configurations"]) == ["3d_fullres"] and "next_stage" not in cfg
     assert cfg["spacing"] == [2.0, 1.0, 1.5]  # pretraining z,y,x spacing in the plans' transposed axis order
-    assert cfg["data_identifier"] == "P_3d_fullres" and plans["plans_name"] == "P"
+    assert cfg["data_identifier"] == "P_3d_fullres_zlin" and plans["plans_name"] == "P"
     # default patch: the 96^3 crop grown by whole 16-voxel patches along axes the median image fills
     assert all(s % 16 == 0 and s >= 96 for s in cfg["patch_size"]) and cfg["patch_size"] != [96, 96, 96]
     assert np.prod([s // 16 for s in cfg["patch_size"]]) <= 2 * 6 ** 3

@@ -148,7 +148,7 @@ def test_corrupted_case_is_named_or_skipped(tree, nnunet_dirs, tmp_path, capsys)
     src = tree["root"] / "nnUNet_preprocessed" / "Dataset501_Unlabelled"
     dst = nnunet_dirs["nnUNet_preprocessed"] / src.name
     shutil.copytree(src, dst)
-    bad = dst / "nnUNetPlans_himaePretrain_3d_fullres" / "lung.b2nd"
+    bad = dst / "nnUNetPlans_himaePretrain_3d_fullres_zlin" / "lung.b2nd"
     bad.write_bytes(bad.read_bytes()[:200])
     args = ["pretrain", *CLI_TINY, "--steps", "2", "--workers", "0"]
     assert main([*args, "--output", str(tmp_path / "a")]) == 2

@@ -224,3 +224,70 @@ def test_pretrain_on_unprepared_dataset_says_what_to_run(nnunet_dirs, tmp_path, 
     (ds / "nnUNetPlans.json").write_text("{}")
     assert main(["pretrain", "--dataset", "604", "--output", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "prepare-pretrain --dataset 604" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- thick slices and non-CT input
+
+def test_thick_slice_ct_is_interpolated_along_the_slice_axis(nnunet_dirs, tmp_path):
+    """Issue 12.2: a real CT resampled to 5 mm slices (1.5 mm in-plane: ratio 3.3, so nnU-Net resamples the
+    slice axis separately) comes out of preprocessing at 1.5 mm with every slice interpolated between its two
+    neighbouring 5 mm slices, not copied (nnU-Net's default order_z 0 makes 70 % of the slices copies)."""
+    from himae_nnunet.checkpoint.format import make_meta
+    from himae_nnunet.models import model_config
+    from himae_nnunet.vit_plans.planning import derive_vit_plans
+    ct = sitk.ReadImage(str(DATA / "ct_pulmonary" / "ct_cropped.nii.gz"))  # 1.5 mm isotropic
+    size = [ct.GetSize()[0], ct.GetSize()[1], round(ct.GetSize()[2] * ct.GetSpacing()[2] / 5.0)]
+    thick = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), (1.5, 1.5, 5.0),
+                          ct.GetDirection(), -1024.0, ct.GetPixelID())
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(thick, str(tmp_path / "in" / "thick.nii.gz"))
+    assert main(["import-scans", "-i", str(tmp_path / "in"), "--dataset-id", "611", "--name", "Thick"]) == 0
+    pre = nnunet_dirs["nnUNet_preprocessed"] / "Dataset611_Thick"
+    plans = json.loads((pre / "nnUNetPlans_himaePretrain.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["resampling_fn_data_kwargs"]["order_z"] == 1 and cfg["resampling_fn_seg_kwargs"]["order_z"] == 1
+    assert cfg["data_identifier"].endswith("_zlin")
+    data, _, props = load_pre(pre / cfg["data_identifier"], "thick")
+    vol = data[0]  # (z, y, x) at 1.5 mm
+    (z0, z1), (y0, y1), (x0, x1) = props["bbox_used_for_cropping"]
+    src = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet_dirs["nnUNet_raw"] / "Dataset611_Thick" / "imagesTr" /
+                                                   "thick_0000.nii.gz"))).astype(np.float32)[z0:z1, y0:y1, x0:x1]
+    src = np.clip((src + 175) / 425, 0, 1)  # the window, as nnU-Net applies it before resampling
+    assert vol.shape[1:] == src.shape[1:] and vol.shape[0] == pytest.approx(src.shape[0] * 5 / 1.5, abs=1)
+    pos = (np.arange(vol.shape[0]) + 0.5) * src.shape[0] / vol.shape[0] - 0.5  # nnU-Net's slice coordinates
+    inner = np.flatnonzero((pos >= 0) & (pos <= src.shape[0] - 1))  # outside: clamped to the end slices
+    assert len(inner) >= vol.shape[0] - 4
+    assert not any(np.array_equal(vol[k], vol[k + 1]) for k in inner[:-1])
+    for k in inner:
+        below, above = src[int(np.floor(pos[k]))], src[int(np.ceil(pos[k]))]
+        assert (vol[k] >= np.minimum(below, above) - 1e-3).all() and (vol[k] <= np.maximum(below, above) + 1e-3).all()
+    # the ViT plans follow the same rule
+    base = json.loads((pre / "nnUNetPlans.json").read_text())
+    meta = make_meta(model_config("vit_tiny"), spacing=(1.5, 1.5, 1.5))
+    vit = derive_vit_plans(base, "ck.pt", meta, "abc", "P", warn=lambda *_: None)["configurations"]["3d_fullres"]
+    assert vit["resampling_fn_data_kwargs"] == cfg["resampling_fn_data_kwargs"]
+    assert vit["data_identifier"] == "P_3d_fullres_zlin"
+
+
+def test_scans_that_are_not_ct_in_hu_are_refused(nnunet_dirs, tmp_path, capsys):
+    """Issue 13.12: an MR volume (intensities -47 .. 833, no air) is refused by import-scans and by
+    prepare-pretrain, naming the file and its range; --allow-non-ct lets it through."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.symlink(DATA / "mr_abdomen_ts_small" / "example_mr_sm.nii.gz", folder / "mr.nii.gz")
+    os.symlink(DATA / "ct_abdomen_ts_small" / "example_ct_sm.nii.gz", folder / "ct.nii.gz")
+    assert main(["import-scans", "-i", str(folder), "--dataset-id", "612", "--name", "MR"]) == 2
+    err = capsys.readouterr().err
+    assert "mr.nii.gz does not look like CT in Hounsfield units" in err and "from -47 to 833" in err
+    assert "--allow-non-ct" in err and "Traceback" not in err and list(nnunet_dirs["nnUNet_raw"].iterdir()) == []
+    assert main(["import-scans", "-i", str(folder), "--dataset-id", "612", "--name", "MR", "--skip-bad-cases",
+                 "--no-prepare"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert [p.name for p in (nnunet_dirs["nnUNet_raw"] / "Dataset612_MR" / "imagesTr").iterdir()] == ["ct_0000.nii.gz"]
+    assert main(["import-scans", "-i", str(folder), "--dataset-id", "613", "--name", "MRToo", "--allow-non-ct",
+                 "--no-prepare"]) == 0
+    assert len(list((nnunet_dirs["nnUNet_raw"] / "Dataset613_MRToo" / "imagesTr").iterdir())) == 2
+    assert main(["prepare-pretrain", "--dataset", "613"]) == 2
+    err = capsys.readouterr().err
+    assert "mr_0000.nii.gz does not look like CT" in err and "from -47 to 833" in err and "--allow-non-ct" in err
+    assert not (nnunet_dirs["nnUNet_preprocessed"] / "Dataset613_MRToo").exists()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one command, on a bare GPU machine (Python 3.12 + torch + timm + scipy; no nnunetv2,
-# no network). Installs the carried wheels of gpu_carry/ (see benchmarks/gpu/README.md) into a private
-# folder, then runs benchmarks/run.py: pretraining model speed / MFU per preset (+ torch.compile for
+# no network). Installs this checkout (without dependencies: `pretrain/` and `trainers/` only import as
+# himae_nnunet.pretrain / .trainers once installed) and the carried wheels of gpu_carry/ (see
+# benchmarks/gpu/README.md) into a private folder, then runs benchmarks/run.py: pretraining model speed / MFU per preset (+ torch.compile for
 # vit_b12_1536) and fine-tuning speed (UNETR vs nnU-Net's PlainConvUNet). The loader part (CPU-bound, needs
 # the real CTs) is not run here: `python benchmarks/run.py` measures it on any machine with ../shared/data.
 # Results: OUT_DIR/benchmark_results.json, run_log.txt, nvidia-smi.txt (OUT_DIR: --out, else $OUT, else
@@ -29,17 +30,27 @@ site="${BENCH_SITE:-/tmp/himae_bench_site}"
 mkdir -p "$out_dir"
 log="$out_dir/run_log.txt"
 
+# the checkout itself, offline: no dependencies, no build isolation (uses the machine's setuptools)
+if ! "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    --target "$site" . > "$out_dir/pip_install.txt" 2>&1; then
+  echo "installing the checkout failed (needs pip and setuptools):" | tee "$log"
+  tail -5 "$out_dir/pip_install.txt" | tee -a "$log"
+  exit 1
+fi
+echo "installed the checkout into $site" | tee "$log"
+
 shopt -s nullglob
 wheels=(gpu_carry/*.whl)
 if [[ ${#wheels[@]} -gt 0 ]]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
-  echo "installed ${#wheels[@]} carried wheels into $site" | tee "$log"
+  echo "installed ${#wheels[@]} carried wheels into $site" | tee -a "$log"
 else
-  echo "no gpu_carry/*.whl: the fine-tuning part needs dynamic_network_architectures and nnunetv2" | tee "$log"
+  echo "no gpu_carry/*.whl: the fine-tuning part needs dynamic_network_architectures and nnunetv2" | tee -a "$log"
 fi
-export PYTHONPATH=".:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 nnUNet_compile=f
-# the package travels as source (not installed): check it imports without nnunetv2/SimpleITK
-"$py" -c "import himae_nnunet.models, himae_nnunet.models.flops" 2>&1 | tee -a "$log"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 nnUNet_compile=f
+# the installed package imports without nnunetv2/SimpleITK where the GPU parts need it
+(cd /tmp && "$py" -c "import himae_nnunet.models, himae_nnunet.models.flops; print('himae_nnunet from', \
+  himae_nnunet.__file__)") 2>&1 | tee -a "$log"
 
 if [[ "$device" == cuda ]]; then
   nvidia-smi > "$out_dir/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" | tee -a "$log"

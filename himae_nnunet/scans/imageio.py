@@ -111,6 +111,24 @@ def check_image(image, path) -> None:
         raise UserError(f"{path} contains NaN or infinite voxels; fix or leave out this scan")
 
 
+CT_AIR_MAX_HU = -500.0  # CT in HU holds air (about -1000 HU, or padding below it) far below this
+
+
+def check_ct_hu(image, path, override: str = "--allow-non-ct") -> None:
+    """Refuse a scan whose intensities are not CT in Hounsfield units (MR, already normalized data): even its
+    lowest 0.1 % of voxels (robust to a few outliers) lie above CT_AIR_MAX_HU."""
+    import SimpleITK as sitk
+    arr = sitk.GetArrayViewFromImage(image)
+    sample = arr.ravel()[::max(1, arr.size // 2_000_000)]  # a strided sample suffices for a percentile
+    low = float(np.percentile(sample, 0.1))
+    if low > CT_AIR_MAX_HU:
+        raise UserError(f"{path} does not look like CT in Hounsfield units: its intensities range from "
+                        f"{float(arr.min()):g} to {float(arr.max()):g} (lowest 0.1 %: {low:g}), with no air (CT air "
+                        f"is about -1000 HU; here almost nothing is below {CT_AIR_MAX_HU:g}). An MR scan or already "
+                        f"normalized data would be windowed as HU and come out mostly saturated; leave it out, or "
+                        f"pass {override} if it really is CT in HU")
+
+
 def to_model_input(image, spacing=(1.5, 1.5, 1.5), window=(-175.0, 250.0)) -> np.ndarray:
     """Resample to `spacing` (mm, z y x order) with linear interpolation, clip to `window`, scale to [0, 1].
 

@@ -11,6 +11,7 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
+from himae_nnunet.core.ct_plans import ensure_base_plans, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.nnunet_env import dataset_name, require_folder
 
@@ -52,23 +53,6 @@ def load_plans(dataset: str, plans_name: str) -> dict:
 def is_vit_plans(plans: dict, configuration: str = CONFIGURATION) -> bool:
     cfg = plans.get("configurations", {}).get(configuration, {})
     return cfg.get("architecture", {}).get("network_class_name") == UNETR_CLASS and "himae" in plans
-
-
-def ensure_base_plans(dataset: str, base_plans: str = BASE_PLANS_NAME, num_processes: int = 2) -> dict:
-    """The dataset's nnU-Net plans; runs stock fingerprinting and planning when they are missing."""
-    path = plans_path(dataset, base_plans)
-    if not path.is_file():
-        if base_plans != BASE_PLANS_NAME:
-            raise UserError(f"base plans {path} do not exist; plan the dataset with nnU-Net first or omit "
-                            f"--base-plans")
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
-        dataset_id = int(dataset[len("Dataset"):len("Dataset") + 3])
-        print(f"{path} is missing: running nnU-Net's fingerprint extraction and planning for {dataset}")
-        fingerprint = path.parent / "dataset_fingerprint.json"
-        extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True,
-                             clean=not fingerprint.is_file())
-        plan_experiments([dataset_id])
-    return json.loads(path.read_text())
 
 
 def differs(a, b, tol: float = 1e-3) -> bool:
@@ -138,8 +122,6 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         warn(f"note: patch size {patch_size} differs from the pretraining crop {crop}; the position embedding "
              f"is resized to the new token grid when the weights are loaded")
     cfg.update(
-        data_identifier=f"{plans_name}_{CONFIGURATION}",
-        spacing=spacing,
         patch_size=patch_size,
         median_image_size_in_voxels=[round(m, 1) for m in median],
         batch_size=int(batch_size),
@@ -156,10 +138,7 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
     if not ct_channels:
         warn(f"WARNING: no channel uses CTNormalization ({cfg['normalization_schemes']}); the encoder was "
              f"pretrained on CT scaled from the window {pre_window} and will see other intensities")
-    props = plans["foreground_intensity_properties_per_channel"]
-    for c in ct_channels:  # CTNormalization: clip(x, p00_5, p99_5), then (x - mean) / std -> [0, 1]
-        props[str(c)].update(percentile_00_5=window[0], percentile_99_5=window[1], mean=window[0],
-                             std=window[1] - window[0])
+    set_ct_preprocessing(plans, CONFIGURATION, spacing, window, ct_channels)
     plans["himae"] = dict(
         format_version=1,
         configuration=CONFIGURATION,
@@ -221,7 +200,7 @@ def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_pl
     if not plans_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--plans-name {plans_name!r}: use letters, digits, '_' and '-' only")
     _, meta = read_pretrained(checkpoint)
-    base = ensure_base_plans(name, base_plans, num_processes)
+    base = ensure_base_plans(plans_path(name, base_plans).parent, base_plans, num_processes, verify=True)
     plans = derive_vit_plans(base, checkpoint, meta, sha256(checkpoint), plans_name, warn=warn, **options)
     out = write_plans(name, plans, overwrite)
     if preprocess:
