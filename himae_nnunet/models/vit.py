@@ -86,6 +86,14 @@ class ViTEncoder3D(nn.Module):
     authors' downstream UNETR (MONAI's ViT) runs the same weights with torch's default 1e-5.
     """
 
+    @classmethod
+    def from_config(cls, config: dict, grid: tuple[int, int, int], **overrides) -> "ViTEncoder3D":
+        """The encoder of a model config (`presets.model_config`) for token grid `grid`."""
+        fields = dict(patch_size=config["patch_size"], embed_dim=config["embed_dim"], depth=config["depth"],
+                      num_heads=config["num_heads"], in_chans=config["in_chans"], mlp_ratio=config["mlp_ratio"],
+                      pos_embed=config["pos_embed"])
+        return cls(grid=tuple(grid), **{**fields, **overrides})
+
     def __init__(self, *, patch_size: int, embed_dim: int, depth: int, num_heads: int, grid: tuple[int, int, int],
                  in_chans: int = 1, mlp_ratio: float = 4.0, pos_embed: str = "sincos", norm_eps: float = 1e-6):
         super().__init__()
@@ -105,14 +113,6 @@ class ViTEncoder3D(nn.Module):
         self.norm = norm_layer(embed_dim)
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
-
-    @classmethod
-    def from_config(cls, config: dict, grid: tuple[int, int, int], **overrides) -> "ViTEncoder3D":
-        """The encoder of a model config (`presets.model_config`) for token grid `grid`."""
-        fields = dict(patch_size=config["patch_size"], embed_dim=config["embed_dim"], depth=config["depth"],
-                      num_heads=config["num_heads"], in_chans=config["in_chans"], mlp_ratio=config["mlp_ratio"],
-                      pos_embed=config["pos_embed"])
-        return cls(grid=tuple(grid), **{**fields, **overrides})
 
     def forward(self, x: torch.Tensor, visible_indices: torch.Tensor | None = None):
         """x [B, C, H, W, D]; visible_indices [B, n_vis] token ids to keep (in that order), or None for all.
