@@ -64,9 +64,13 @@ def convert_official_state_dict(sd: dict, config: dict) -> tuple[dict, list[str]
             out[new] = v
             continue
         grid = tuple(c // config["patch_size"] for c in config["crop_size"])
-        if not torch.allclose(v[0].float(), sincos_pos_embed_3d(config["decoder_dim"], grid), atol=1e-4):
-            raise CheckpointError(f"{k} is not the fixed 3D sin-cos table; this model variant is not supported")
-        notes.append(f"{k}: dropped (checked equal to the fixed sin-cos table the model rebuilds)")
+        gap = (v[0].float() - sincos_pos_embed_3d(config["decoder_dim"], grid)).abs().max().item()
+        if gap <= 1e-4:
+            notes.append(f"{k}: dropped (checked equal to the fixed sin-cos table the model rebuilds)")
+        else:  # their code always builds (and freezes) the sin-cos table: this file was edited after training
+            notes.append(f"WARNING {k}: dropped although it differs from the fixed sin-cos table by up to {gap:.3g}; "
+                         f"the decoder (reconstruction, continued pretraining) uses the sin-cos table, the encoder "
+                         f"(all that fine-tuning uses) is unaffected")
     return out, notes
 
 

@@ -90,8 +90,7 @@ class HiEndMAE(nn.Module):
         p, C = cfg["patch_size"], cfg["in_chans"]
         self.grid = tuple(c // p for c in cfg["crop_size"])
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.encoder = ViTEncoder3D(p, cfg["embed_dim"], cfg["depth"], cfg["num_heads"], self.grid, C,
-                                    cfg["mlp_ratio"], cfg["pos_embed"])
+        self.encoder = ViTEncoder3D.from_config(cfg, self.grid)
         # taps used by the B stages, deepest first (stage 1 queries the deepest tap)
         self.stage_taps = tuple(sorted(cfg["taps"], reverse=True)[:cfg["stages"]])
         # projections: [final output, then one per used tap in stage order]; order matches the authors' import

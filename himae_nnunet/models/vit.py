@@ -82,11 +82,22 @@ class ViTEncoder3D(nn.Module):
     """ViT with cls token; sees cls + the visible tokens only when a permutation is given.
 
     `grid` is the token grid this instance is built for (crop / patch); the position table is made for it.
+    `norm_eps` is the LayerNorm epsilon of every block and of the final norm: 1e-6 as in pretraining; the
+    authors' downstream UNETR (MONAI's ViT) runs the same weights with torch's default 1e-5.
     """
 
-    def __init__(self, patch_size: int, embed_dim: int, depth: int, num_heads: int, grid: tuple[int, int, int],
-                 in_chans: int = 1, mlp_ratio: float = 4.0, pos_embed: str = "sincos"):
+    @classmethod
+    def from_config(cls, config: dict, grid: tuple[int, int, int], **overrides) -> "ViTEncoder3D":
+        """The encoder of a model config (`presets.model_config`) for token grid `grid`."""
+        fields = dict(patch_size=config["patch_size"], embed_dim=config["embed_dim"], depth=config["depth"],
+                      num_heads=config["num_heads"], in_chans=config["in_chans"], mlp_ratio=config["mlp_ratio"],
+                      pos_embed=config["pos_embed"])
+        return cls(grid=tuple(grid), **{**fields, **overrides})
+
+    def __init__(self, *, patch_size: int, embed_dim: int, depth: int, num_heads: int, grid: tuple[int, int, int],
+                 in_chans: int = 1, mlp_ratio: float = 4.0, pos_embed: str = "sincos", norm_eps: float = 1e-6):
         super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, tuple(grid)
         self.num_tokens = grid[0] * grid[1] * grid[2]
         self.patch_embed = PatchEmbed3D(in_chans, embed_dim, patch_size)
@@ -98,8 +109,8 @@ class ViTEncoder3D(nn.Module):
             nn.init.normal_(self.pos_embed, std=0.02)
         self.pos_embed_type = pos_embed
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth))
-        self.norm = LayerNorm(embed_dim)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+        self.norm = norm_layer(embed_dim)
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 

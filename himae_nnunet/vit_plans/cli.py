@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.vit_plans.planning import CONFIGURATION, DEFAULT_PLANS_NAME
+from himae_nnunet.vit_plans.planning import CONFIGURATION, DEFAULT_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
 
 DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
 
@@ -47,7 +47,12 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="token budget of the default patch (default 2x the crop's)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--feature-size", type=int, default=32, help="UNETR decoder width (default 32)")
-    p.add_argument("--drop-cls-token", action="store_true", help="fine-tune without the cls token (authors' UNETR)")
+    p.add_argument("--unetr", choices=sorted(UNETR_DEFAULTS), default=DEFAULT_UNETR,
+                   help="decoder: 'authors' = the authors' UNETR (x2 upsamplings, trilinear resize + 3x3 conv, no "
+                        "cls token), 'ours' = p split into integer upsamplings, cls token kept (default "
+                        f"{DEFAULT_UNETR})")
+    p.add_argument("--drop-cls-token", action="store_true", help="fine-tune without the cls token (always so with "
+                                                                  "--unetr authors)")
     p.add_argument("--fixed-pos-embed", action="store_true",
                    help="keep a fixed sin-cos position table (default: learnable, initialised from the checkpoint)")
     p.add_argument("--spacing", type=float, nargs=3, help="override the pretraining spacing (warns)")
@@ -108,7 +113,8 @@ def cmd_plan(args) -> None:
     from himae_nnunet.vit_plans.planning import plan
     out = plan(args.dataset, args.checkpoint, args.plans_name, args.base_plans, args.overwrite, args.preprocess,
                args.np, patch_size=args.patch_size, batch_size=args.batch_size, feature_size=args.feature_size,
-               keep_cls_token=not args.drop_cls_token, learnable_pos_embed=not args.fixed_pos_embed,
+               keep_cls_token=False if args.drop_cls_token else None, unetr=args.unetr,
+               learnable_pos_embed=not args.fixed_pos_embed,
                spacing=args.spacing, window=args.window, strict=args.strict, max_tokens=args.max_tokens,
                finetune=dict(initial_lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                              schedule=args.schedule, layer_decay=args.layer_decay, grad_clip=args.grad_clip,
@@ -122,8 +128,8 @@ def cmd_plan(args) -> None:
     print(f"wrote {out}")
     print(f"  spacing {cfg['spacing']}, patch {cfg['patch_size']}, batch {cfg['batch_size']}, CT window "
           f"{plans['himae']['intensity_window']} -> [0, 1], data folder {cfg['data_identifier']}")
-    print(f"  network UNETR, encoder {a['preset'] or 'custom'} (patch {a['patch_size']}, dim {a['embed_dim']}, "
-          f"depth {a['depth']}), cls token {'kept' if a['keep_cls_token'] else 'dropped'}")
+    print(f"  network UNETR ({a['decoder']} decoder), encoder {a['preset'] or 'custom'} (patch {a['patch_size']}, "
+          f"dim {a['embed_dim']}, depth {a['depth']}), cls token {'kept' if a['keep_cls_token'] else 'dropped'}")
     print(f"  checkpoint {plans['himae']['checkpoint']} (sha256 {plans['himae']['checkpoint_sha256'][:16]}...)")
     print("next:")
     if not args.preprocess:

@@ -19,6 +19,10 @@ DEFAULT_PLANS_NAME = "HiEndMAEPlans"
 BASE_PLANS_NAME = "nnUNetPlans"
 CONFIGURATION = "3d_fullres"
 UNETR_CLASS = "himae_nnunet.models.unetr.UNETR"
+# `plan --unetr`: the decoder and what goes with it (models/unetr.py says why "authors" is the default)
+UNETR_DEFAULTS = {"authors": dict(decoder="authors", keep_cls_token=False, norm_eps=1e-5),
+                  "ours": dict(decoder="ours", keep_cls_token=True, norm_eps=1e-6)}
+DEFAULT_UNETR = "authors"
 ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "taps", "decoder_dim",
                   "decoder_heads")
 # read by the trainers (trainers/finetune.py); users may edit them in the plans file
@@ -85,10 +89,22 @@ def default_patch_size(crop, median_shape, p: int, max_tokens: int) -> list[int]
         patch = grown
 
 
+def unetr_arch_kwargs(unetr: str, keep_cls_token: bool | None) -> dict:
+    """The UNETR choice as arch_kwargs: "authors" = their decoder, no cls token, MONAI's LayerNorm eps 1e-5;
+    "ours" = our decoder, cls token kept unless told otherwise, pretraining's eps 1e-6."""
+    if unetr not in UNETR_DEFAULTS:
+        raise UserError(f"--unetr {unetr!r}: choose one of {', '.join(UNETR_DEFAULTS)}")
+    kwargs = dict(UNETR_DEFAULTS[unetr])
+    if keep_cls_token is not None:
+        kwargs["keep_cls_token"] = bool(keep_cls_token)
+    return kwargs
+
+
 def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_name: str = DEFAULT_PLANS_NAME,
-                     patch_size=None, batch_size: int = 2, feature_size: int = 32, keep_cls_token: bool = True,
+                     patch_size=None, batch_size: int = 2, feature_size: int = 32, keep_cls_token: bool | None = None,
                      learnable_pos_embed: bool = True, spacing=None, window=None, strict: bool = False,
-                     max_tokens: int | None = None, finetune: dict | None = None, warn=print) -> dict:
+                     max_tokens: int | None = None, finetune: dict | None = None, unetr: str = DEFAULT_UNETR,
+                     warn=print) -> dict:
     """ViT plans (a new dict) from the dataset's base plans and a checkpoint's meta."""
     if CONFIGURATION not in base.get("configurations", {}):
         raise UserError(f"the base plans have no {CONFIGURATION} configuration: ViT plans need 3D images")
@@ -128,7 +144,8 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         architecture=dict(
             network_class_name=UNETR_CLASS,
             arch_kwargs=dict(preset=model.get("preset"), patch_size_voxels=patch_size, feature_size=feature_size,
-                             keep_cls_token=keep_cls_token, pos_embed="learnable" if learnable_pos_embed else "sincos",
+                             **unetr_arch_kwargs(unetr, keep_cls_token),
+                             pos_embed="learnable" if learnable_pos_embed else "sincos",
                              **{k: (list(model[k]) if isinstance(model[k], (list, tuple)) else model[k])
                                 for k in ENCODER_FIELDS}),
             _kw_requires_import=[]),
