@@ -12,7 +12,8 @@ import torch
 from himae_nnunet.cli import build_parser
 from himae_nnunet.scans.oneshot_dataset import CASE_B
 from himae_nnunet.trainers.paper_protocol import (PAPER_SCHEDULES, TISSUE_THRESHOLD, PaperCropLoader,
-                                                  PaperDiceCELoss, PaperEpochLR, paper_schedule)
+                                                  PaperDiceCELoss, PaperEpochLR, axial_axes,
+                                                  paper_finetune_augmentation, paper_schedule)
 from himae_nnunet.vit_plans.planning import derive_vit_plans
 from test_e2e_nnunet import PLANS, chain, check_same_geometry, run  # noqa: F401 (chain is a fixture)
 from test_plan import base_plans, tiny_checkpoint
@@ -71,6 +72,31 @@ def test_loss_is_monai_dice_ce_as_they_configure_it():
     assert PaperDiceCELoss()(logits, target).item() == pytest.approx(ref(logits, target).item(), rel=1e-6)
 
 
+def test_augmentation_rates_are_theirs():
+    """Flip p 0.2 per axis, rot90 (k 1-3, axial plane) p 0.2, x(1 +- 0.1) p 0.1, +-0.1 p 0.1; labels follow."""
+    assert axial_axes([0, 1, 2]) == (1, 2) and axial_axes([2, 0, 1]) == (0, 2)
+    augment = paper_finetune_augmentation((4, 4, 4), (1, 2))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    slice_flips = swaps = scaled = shifted = 0
+    n = 3000
+    for _ in range(n):
+        grid = torch.arange(64).reshape(1, 4, 4, 4)
+        out = augment(image=grid.float(), segmentation=grid.to(torch.int16))
+        image, seg = out["image"][0], out["segmentation"][0].float()
+        slope = float(((image - image.mean()) * (seg - seg.mean())).sum() / ((seg - seg.mean()) ** 2).sum())
+        offset = float((image - slope * seg).mean())
+        assert torch.allclose(image, slope * seg + offset, atol=1e-4)  # labels moved with the image
+        assert abs(slope - 1) <= 0.1 + 1e-6 and abs(offset) <= 0.1 + 1e-6
+        scaled += abs(slope - 1) > 1e-4  # float32 round-off is ~1e-6
+        shifted += abs(offset) > 1e-4
+        slice_flips += int(seg[0, 0, 0]) // 16 == 3  # the slice axis only moves by its flip
+        swaps += abs(int(seg[0, 1, 0]) - int(seg[0, 0, 0])) == 1  # odd k of rot90 swaps the in-plane axes
+    sd = lambda p: 4 * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    for count, p in ((slice_flips, 0.2), (swaps, 0.2 * 2 / 3), (scaled, 0.1), (shifted, 0.1)):
+        assert abs(count / n - p) < sd(p), (count / n, p)
+
+
 def test_sampler_four_crops_of_one_volume_half_foreground(chain):  # noqa: F811
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -111,7 +137,7 @@ def test_paper_trainer_trains_and_predicts_patient_b(chain):  # noqa: F811
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "paper schedule: 4 paper epochs x 1 iterations (1 training cases" in log
     assert "run as 2 nnU-Net epochs of 2 paper epochs (2 iterations)" in log
-    assert re.findall(r"Epoch (\d+)\n", log) == ["0", "1"]  # 2 epochs x 2 iterations = 4 x 1 case
+    assert re.findall(r": Epoch (\d+)\s*\n", log) == ["0", "1"]  # 2 epochs x 2 iterations = 4 x 1 case
     assert "WARNING: patch [32, 32, 32] from the plans is not the paper's [96, 96, 96]" in log
     debug = json.loads((fold / "debug.json").read_text())
     assert (debug["batch_size"], debug["num_iterations_per_epoch"], debug["num_epochs"]) == ("4", "2", "2")

@@ -95,7 +95,7 @@ class PaperProtocol:
             self.print_to_log_file(f"WARNING: patch {list(patch)} from the plans is not the paper's "
                                    f"{list(PAPER_PATCH)}; training and prediction use {list(patch)}. For the "
                                    f"paper's protocol re-plan with `himae-nnunet plan ... --patch-size 96 96 96`")
-        if self.configuration_manager.network_arch_init_kwargs.get("keep_cls_token", True):
+        if self.configuration_manager.network_arch_init_kwargs.get("keep_cls_token") is True:
             self.print_to_log_file("note: the plans keep the cls token; the authors' UNETR drops it "
                                    "(`himae-nnunet plan --drop-cls-token`)")
 

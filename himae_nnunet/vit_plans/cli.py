@@ -141,7 +141,8 @@ def cmd_plan(args) -> None:
     print("next:")
     if not args.preprocess:
         print(f"  nnUNetv2_preprocess -d {ds[7:10]} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
-    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {DEFAULT_TRAINER} -p {plans['plans_name']}")
+    trainer = f"{DEFAULT_TRAINER}_paper" if args.paper_epochs else DEFAULT_TRAINER  # --paper-epochs: their protocol
+    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {trainer} -p {plans['plans_name']}")
     hint = ext_trainer_hint()
     if hint:
         print("NOTE: " + hint)
