@@ -1,6 +1,12 @@
-"""Schedule variants in nnU-Net's `_Xepochs` naming (the paper fine-tunes 5000 / 5000 / 2000 / 1000 epochs for
-one-shot / 1 % / 10 % / 100 % of the labels; 250 iterations per epoch as nnU-Net), and the smoke variants:
-two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke tests only)."""
+"""Schedule variants in nnU-Net's `_Xepochs` naming, counted in NNU-NET epochs, exactly as nnU-Net's own
+`nnUNetTrainer_Xepochs`: X epochs of 250 iterations (or the plans' `iterations_per_epoch`), each a batch of the
+plans' batch_size crops (2 by default) from different volumes; `_5000epochs` = 1.25 M iterations = 2.5 M crops.
+They are NOT the paper's schedules: a paper epoch is one iteration of 1 volume x 4 crops per training case, so
+the paper's one-shot 5000 epochs are 5000 iterations (20k crops). For the paper's protocol and units use
+trainers/paper.py (`nnUNetTrainerHiEndMAE_paper_oneshot` / `_1pct` / `_10pct` / `_100pct`, or `_paper` with
+`himae-nnunet plan --paper-epochs N`).
+The smoke variants: two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke
+tests only)."""
 import torch
 
 from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR

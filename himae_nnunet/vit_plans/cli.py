@@ -35,6 +35,14 @@ def with_ext_trainer_env() -> None:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([ours, *current])
 
 
+def paper_epochs_arg(text: str) -> int:
+    from himae_nnunet.trainers.paper_protocol import parse_paper_epochs
+    try:
+        return parse_paper_epochs(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="write ViT plans (spacing, window, patch, UNETR) for a dataset and checkpoint")
     p.add_argument("dataset", help="dataset id or name (DatasetXXX_Name)")
@@ -70,6 +78,10 @@ def register(sub) -> None:
                                               "variants keep theirs)")
     f.add_argument("--iterations-per-epoch", type=int, help="default nnU-Net's 250")
     f.add_argument("--val-iterations-per-epoch", type=int, help="default nnU-Net's 50")
+    f.add_argument("--paper-epochs", type=paper_epochs_arg, metavar="N|SETTING",
+                   help="length for the _paper trainers in paper epochs (one iteration of 1 volume x 4 crops per "
+                        "training case): a number, or one-shot (5000), 1%% (5000), 10%% (2000), 100%% (1000); "
+                        "default 1000")
     f.add_argument("--no-tta-mirroring", dest="tta_mirroring", action="store_const", const=False,
                    help="validate and predict in one pass, without nnU-Net's 8x mirroring (CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
@@ -120,7 +132,8 @@ def cmd_plan(args) -> None:
                              schedule=args.schedule, layer_decay=args.layer_decay, grad_clip=args.grad_clip,
                              freeze_encoder_epochs=args.freeze_encoder_epochs, num_epochs=args.epochs,
                              iterations_per_epoch=args.iterations_per_epoch,
-                             val_iterations_per_epoch=args.val_iterations_per_epoch, tta_mirroring=args.tta_mirroring))
+                             val_iterations_per_epoch=args.val_iterations_per_epoch, tta_mirroring=args.tta_mirroring,
+                             paper_epochs=args.paper_epochs))
     plans = json.loads(out.read_text())
     cfg = plans["configurations"][CONFIGURATION]
     a = cfg["architecture"]["arch_kwargs"]
@@ -134,7 +147,8 @@ def cmd_plan(args) -> None:
     print("next:")
     if not args.preprocess:
         print(f"  nnUNetv2_preprocess -d {ds[7:10]} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
-    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {DEFAULT_TRAINER} -p {plans['plans_name']}")
+    trainer = f"{DEFAULT_TRAINER}_paper" if args.paper_epochs else DEFAULT_TRAINER  # --paper-epochs: their protocol
+    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {trainer} -p {plans['plans_name']}")
     hint = ext_trainer_hint()
     if hint:
         print("NOTE: " + hint)

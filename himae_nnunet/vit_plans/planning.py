@@ -39,6 +39,7 @@ FINETUNE_DEFAULTS = dict(
     iterations_per_epoch=None,  # None: nnU-Net's 250
     val_iterations_per_epoch=None,  # None: nnU-Net's 50
     tta_mirroring=True,  # nnU-Net's 8x mirroring at validation/inference (False: one pass, e.g. on CPU)
+    paper_epochs=None,  # _paper trainers: paper epochs (1 iteration per training case); None: 1000
 )
 
 
