@@ -14,6 +14,7 @@ import torch
 
 from timing import median_times_in_turns, sync
 
+from himae_nnunet.core.optim import adamw_param_groups
 from himae_nnunet.models.flops import count
 from himae_nnunet.models import HiEndMAE, model_config
 
@@ -28,18 +29,11 @@ def peak_tflops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def no_decay_groups(model, weight_decay=0.05):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "token" in n or "pos_embed" in n else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_step(preset: str, stages: int, batch: int, device: str, compile_: bool, crop: int):
     """One pretraining step (forward, backward, fused AdamW on CUDA) of a fresh model on a fixed batch."""
     torch.manual_seed(0)
     model = HiEndMAE(model_config(preset, stages=stages, crop_size=crop)).to(device)
-    opt = torch.optim.AdamW(no_decay_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
+    opt = torch.optim.AdamW(adamw_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
     step_model = torch.compile(model) if compile_ else model
     x = torch.rand(batch, 1, crop, crop, crop, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)

@@ -46,10 +46,15 @@ def register(sub) -> None:
     p.add_argument("--method", default="hiend", choices=["hiend", "mae"], help="hiend (dense decoder) or mae")
     p.add_argument("--stages", type=int, help="dense decoder stages B, 1-3 (default 3; mae means 0)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
+                   help="encoder position embedding: fixed 3D sin-cos (default) or learnable, initialised normal "
+                        "with std 0.02 (the authors' 'perceptron' option); the decoder's stays sin-cos")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps of the run (with --resume: "
                                                            "continue up to this total)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default min(4000, steps/10)), then cosine")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, the paper's for 192 "
+                                                           "crops/step; not rescaled with the batch, as in the "
+                                                           "authors' code)")
     p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")

@@ -1,30 +1,41 @@
 """The pretraining loop: AdamW + warmup/cosine, bf16 on CUDA, DDP through torchrun, atomic checkpoints and
-an exact resume (model, optimizer, scheduler, scaler, step, RNG states; the loader restarts at the step)."""
+an exact resume (model, optimizer, scheduler, scaler, step, RNG states; the loader restarts at the step).
+
+Read top to bottom, the named steps of `run_pretraining`: resolve the run (options, model config, data,
+output folder and its lock, the checkpoint to continue), build model/optimizer/schedule, make the loader,
+then the loop (train step, log, checkpoint, preview, stop) and the final checkpoint."""
 import json
-import math
 import os
 import signal
 import sys
 import threading
-import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from himae_nnunet.checkpoint.format import (CheckpointError, load_strict, make_meta, remove_stale_temporaries,
+                                            save_checkpoint)
 from himae_nnunet.core import faults
-from himae_nnunet.checkpoint.format import (CheckpointError, load_strict, make_meta, remove_stale_temporaries, save_checkpoint)
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.optim import adamw_param_groups
+from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.models.presets import model_config
 from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
-from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, _jsonable, check_output, check_writable, elastic_restart_of_this_run, last_good, launch_info, open_log, restore_training, rng_state, set_rng_state)
+from himae_nnunet.pretrain.run_lock import RunLock, RunLocked
+from himae_nnunet.pretrain.run_log import NonFiniteLoss, RunLog  # noqa: F401  (NonFiniteLoss: part of this API)
+from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, checkpoint_to_resume, check_writable,
+                                             elastic_restart_of_this_run, jsonable, last_good, launch_info,
+                                             restore_training, rng_state, set_rng_state)
 
 # DDP notes that the patch-embedding grad (C = 1) has another stride on its size-1 axis: same memory layout
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
+
+PAPER_CROPS_PER_STEP, PAPER_LR = 192, 1e-4  # 24 volumes x 8 crops per step at lr 1e-4 (Tang et al.)
 
 
 @dataclass
@@ -35,6 +46,7 @@ class PretrainOptions:
     method: str = "hiend"  # hiend | mae (= stages 0)
     stages: int | None = None  # dense decoder stages B; default 3 for hiend
     mask_ratio: float = 0.75
+    pos_embed: str = "sincos"  # sincos (fixed) | learnable (the authors' 'perceptron': normal, std 0.02)
     steps: int = 1000  # total optimizer steps of the run
     warmup: int | None = None  # default min(4000, steps // 10)
     lr: float = 1e-4
@@ -61,29 +73,6 @@ class PretrainOptions:
     augment: bool = True
     stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
     tensorboard: bool = True
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-def lr_factor(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
-    """Multiplier of base_lr for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))) / base_lr
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """Decay on weight matrices only: no decay on biases, norms, cls/mask tokens, position embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def setup_distributed(device: str | None):
@@ -118,37 +107,38 @@ def elastic_store(rank: int, world: int) -> dict:
     return dict(store=dist.PrefixStore(f"himae_attempt_{attempt}", store), rank=rank, world_size=world)
 
 
-def build_config(o: PretrainOptions) -> dict:
-    if o.method not in ("hiend", "mae"):
-        raise UserError(f"--method {o.method}: use hiend or mae")
-    stages = 0 if o.method == "mae" else (3 if o.stages is None else o.stages)
-    if o.method == "mae" and o.stages not in (None, 0):
-        raise UserError(f"--method mae has no dense stages; drop --stages {o.stages} or use --method hiend")
-    if o.method == "hiend" and stages == 0:
+def build_config(options: PretrainOptions) -> dict:
+    if options.method not in ("hiend", "mae"):
+        raise UserError(f"--method {options.method}: use hiend or mae")
+    stages = 0 if options.method == "mae" else (3 if options.stages is None else options.stages)
+    if options.method == "mae" and options.stages not in (None, 0):
+        raise UserError(f"--method mae has no dense stages; drop --stages {options.stages} or use --method hiend")
+    if options.method == "hiend" and stages == 0:
         raise UserError("--stages 0 is the MAE baseline; say --method mae")
-    return model_config(o.model, stages=stages, mask_ratio=o.mask_ratio, crop_size=o.crop_size)
+    return model_config(options.model, stages=stages, mask_ratio=options.mask_ratio, crop_size=options.crop_size,
+                        pos_embed=options.pos_embed)
 
 
-def check_options(o: PretrainOptions) -> None:
+def check_options(options: PretrainOptions) -> None:
     for name in ("steps", "batch_volumes", "crops_per_volume", "accumulate", "checkpoint_every", "log_every"):
-        if getattr(o, name) is not None and getattr(o, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be at least 1")
-    if o.warmup is not None and o.warmup < 0 or o.lr <= 0 or o.workers < 0:
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be at least 1")
+    if options.warmup is not None and options.warmup < 0 or options.lr <= 0 or options.workers < 0:
         raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
-    if o.stop_at is not None and o.stop_at < 1:
-        raise UserError(f"--stop-at {o.stop_at}: must be a step >= 1")
+    if options.stop_at is not None and options.stop_at < 1:
+        raise UserError(f"--stop-at {options.stop_at}: must be a step >= 1")
 
 
 class StopFlag:
     """SIGINT/SIGTERM (e.g. a cluster's pre-emption) -> finish the step, write the checkpoint, stop."""
 
     def __init__(self):
-        self.set, self.old = False, {}
+        self.set, self.previous_handlers = False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, self._handle)
+                self.previous_handlers[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -159,245 +149,352 @@ class StopFlag:
               file=sys.stderr)
 
     def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
 
 
-def run_pretraining(o: PretrainOptions) -> dict:
-    """Run (or continue) a pretraining run. Returns {'step', 'losses', 'output', 'model'}."""
-    check_options(o)
-    rank, world, device, started = setup_distributed(o.device)
+# ---------------------------------------------------------------- resolve the run
+
+@dataclass
+class Run:
+    """What one invocation runs: resolved options, model config, data, folder, and this process's place."""
+    options: PretrainOptions  # datasets as resolved names, weights as floats, log_every set
+    out: Path
+    config: dict
+    sources: list
+    warmup: int
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:  # rank 0 writes the folder
+        return self.rank == 0
+
+    @property
+    def global_volumes(self) -> int:
+        return self.world * self.options.batch_volumes
+
+    @property
+    def crops_per_step(self) -> int:
+        return self.global_volumes * self.options.crops_per_volume * self.options.accumulate
+
+    @property
+    def preview_every(self) -> int:
+        return self.options.checkpoint_every if self.options.preview_every is None else self.options.preview_every
+
+    @property
+    def data_description(self) -> list[str]:
+        return [f"{s.name} ({len(s.identifiers)} cases, {s.plans_name})" for s in self.sources]
+
+    def say(self, *args, **kwargs) -> None:
+        if self.main:
+            print(*args, **kwargs)
+
+    def from_rank0(self, value):
+        """Rank 0's `value` on every rank (a decision only rank 0 can make)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def resolve_run(options: PretrainOptions, rank: int, world: int, device: torch.device) -> Run:
+    config = build_config(options)
+    sources = find_sources(options.datasets, options.weights, options.plans_name, options.skip_bad_cases)
+    # ids, names, ints or strings: store resolved names and float weights so that --resume compares like with like
+    options = replace(options, datasets=[s.name for s in sources],
+                      weights=[float(w) for w in options.weights] if options.weights else None,
+                      log_every=options.log_every or (20 if device.type == "cuda" else 1))
+    warmup = min(4000, options.steps // 10) if options.warmup is None else options.warmup
+    return Run(options, Path(options.output), config, sources, warmup, rank, world, device)
+
+
+@contextmanager
+def run_folder(run: Run):
+    """Create the output folder, hold its lock (rank 0) for the block; a folder this call created is
+    removed again if the run leaves nothing in it."""
+    created = not run.out.exists()
+    check_writable(run.out)
     try:
-        return _train(o, rank, world, device)
+        with ExitStack() as lock:
+            refusal = None
+            if run.main:
+                try:
+                    lock.enter_context(RunLock(run.out, run.say))
+                except RunLocked as e:
+                    refusal = str(e)
+            refusal = run.from_rank0(refusal)
+            if refusal:
+                raise RunLocked(refusal)
+            yield
+    finally:
+        if created and run.main:
+            try:
+                run.out.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                pass
+
+
+def resume_checkpoint(run: Run) -> dict | None:
+    """The checkpoint to continue from (--resume, or torchrun restarting this job), None for a new run;
+    then clean up what a killed process left."""
+    resume = run.options.resume
+    if not resume and run.from_rank0(elastic_restart_of_this_run(run.out) if run.main else False):
+        run.say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing the run in {run.out}")
+        resume = True
+    ckpt = checkpoint_to_resume(run.out, resume, run.say)
+    if run.world > 1:
+        dist.barrier()  # every rank checked the folder before rank 0 writes into it
+    if run.main:
+        for name in remove_stale_temporaries(run.out):
+            run.say(f"removed {run.out / name}: a checkpoint write cut off by a killed process (the checkpoint it "
+                    f"would have replaced is intact)")
+    for source in run.sources:
+        for msg in source.skipped:
+            run.say(f"skipping bad case {msg}")
+    return ckpt
+
+
+# ---------------------------------------------------------------- build model, optimizer, schedule
+
+@dataclass
+class Training:
+    """The trained objects. `net` is the DDP wrapper (or the model), `forward` its compiled form (or it)."""
+    model: HiEndMAE
+    net: torch.nn.Module
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    start: int  # the first step this invocation runs (0-based)
+
+
+def build_training(run: Run, ckpt: dict | None) -> Training:
+    options, device = run.options, run.device
+    torch.manual_seed(options.seed)
+    model = HiEndMAE(run.config).to(device)
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, options.weight_decay), lr=options.lr,
+                                  betas=tuple(options.betas), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay_factor(
+        step, options.steps, run.warmup, base_lr=options.lr, min_lr=options.min_lr))
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    start = 0
+    if ckpt is not None:
+        state = restore_training(ckpt, options, run.global_volumes)
+        load_strict(model, ckpt["state_dict"], run.out / LATEST)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = state["next_step"]
+    net = model
+    if run.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    forward = torch.compile(net) if options.compile else net
+    return Training(model, net, forward, optimizer, scheduler, scaler, amp_dtype, start)
+
+
+def end_step(run: Run, start: int) -> int:
+    """The step this invocation ends at: --steps, or --stop-at before it."""
+    stop = min(run.options.steps, run.options.stop_at or run.options.steps)
+    if stop <= start:
+        raise UserError(f"--stop-at {run.options.stop_at} is not after the run's step {start}")
+    return stop
+
+
+# ---------------------------------------------------------------- make the loader
+
+class MicroBatches:
+    """Each step's micro-batches from the loader; with --fixed-batch, step 0's again at every step."""
+
+    def __init__(self, run: Run, start: int, stop: int):
+        o = run.options
+        dataset = CropDataset(run.sources, run.config["crop_size"], o.crops_per_volume, o.seed,
+                              run.config["patch_size"], augment=o.augment, skip_bad_cases=o.skip_bad_cases)
+        sampler = StepBatches(start, start + 1 if o.fixed_batch else stop, o.accumulate, o.batch_volumes, run.rank,
+                              o.fixed_batch)
+        self.loader = iter(make_loader(dataset, sampler, o.workers, pin_memory=run.device.type == "cuda"))
+        self.accumulate, self.fixed, self.kept = o.accumulate, o.fixed_batch, []
+
+    def for_step(self):
+        """The step's `accumulate` batches, loaded one at a time as the step consumes them."""
+        for micro in range(self.accumulate):
+            if len(self.kept) == self.accumulate:
+                yield self.kept[micro]
+                continue
+            batch = next(self.loader)
+            if self.fixed:
+                self.kept.append(batch)
+            yield batch
+
+
+# ---------------------------------------------------------------- train step, checkpoint, preview
+
+def train_step(run: Run, training: Training, batches: MicroBatches, step: int):
+    """One optimizer step (0-based `step`) over the micro-batches. Returns (mean loss, grad norm, the last
+    micro-batch's (crops, permutations)); loss and norm stay on the device (no host sync inside a step)."""
+    o, t, device = run.options, training, run.device
+    t.net.train()
+    t.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro, batch in enumerate(batches.for_step()):
+        if batch["error"]:
+            raise UserError(f"{batch['error']}\nTraining stopped at step {step + 1}. {last_good(run.out)} "
+                            f"Continue with the same command plus --resume")
+        for msg in batch["skipped"]:
+            run.say(f"\nskipped bad case {msg}")
+        crops = batch["image"].to(device, non_blocking=True)  # B*crops, 1, H, W, D
+        perm = batch["perm"].to(device, non_blocking=True)  # B*crops, N
+        sync = t.net.no_sync() if run.world > 1 and micro < o.accumulate - 1 else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+                loss = t.forward(crops, shuffle_indices=perm).loss
+            t.scaler.scale(loss / o.accumulate).backward()
+        loss_sum += loss.detach().float() / o.accumulate
+    if run.world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world
+    t.scaler.unscale_(t.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), o.clip_grad or float("inf"))
+    # a non-finite loss is caught at the next flush, which always comes before a checkpoint is written:
+    # damaged weights are never saved
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    return loss_sum, grad_norm, (crops, perm)
+
+
+def stop_requested(run: Run, signals: StopFlag) -> bool:
+    """Whether any rank got SIGINT/SIGTERM (all ranks stop at the same step)."""
+    flag = torch.tensor([float(signals.set)], device=run.device)
+    if run.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def write_checkpoint(run: Run, training: Training, name: str, step: int, with_state: bool = True) -> None:
+    """Rank 0 writes `name` atomically: weights and meta, plus the full training state for resuming."""
+    if not run.main:
+        return
+    extra = None
+    if with_state:
+        t = training
+        extra = {"training": {"next_step": step, "optimizer": t.optimizer.state_dict(),
+                              "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+                              "rng": rng_state(), "options": {k: jsonable(v) for k, v in asdict(run.options).items()},
+                              "world_size": run.world, "global_volumes": run.global_volumes}}
+    meta = make_meta(run.config, step=step, method=run.options.method, spacing=run.sources[0].spacing,
+                     window=run.sources[0].window, data=run.data_description)
+    try:
+        save_checkpoint(run.out / name, training.model.state_dict(), meta, extra)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}.\nTraining stopped at step {step}. {last_good(run.out)} Free space (or fix "
+                              f"the folder), then continue with the same command plus --resume") from None
+
+
+def write_preview(run: Run, model: HiEndMAE, inputs: tuple, step: int) -> None:
+    from himae_nnunet.pretrain.preview import save_preview
+    crops, perm = inputs
+    save_preview(model, crops[:1], perm[:1], run.out / "previews" / f"step_{step:07d}.png",
+                 f"{run.options.method} step {step}")
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(run: Run, training: Training, batches: MicroBatches, run_log: RunLog, signals: StopFlag,
+          stop: int) -> int:
+    """Steps training.start .. stop; returns the step it ended at (earlier after SIGINT/SIGTERM)."""
+    o = run.options
+    for step in range(training.start, stop):
+        lr = training.scheduler.get_last_lr()[0]
+        loss, grad_norm, inputs = train_step(run, training, batches, step)
+        done = step + 1
+        faults.maybe_kill_at_step(done)  # tests only (HIMAE_FAULT_KILL_AT_STEP); a no-op otherwise
+        run_log.add(done, lr, loss, grad_norm)
+        at_checkpoint = done % o.checkpoint_every == 0 or done == stop
+        at_preview = run.main and run.preview_every and (done % run.preview_every == 0 or done == o.steps)
+        stopping = False
+        if done % o.log_every == 0 or at_checkpoint or at_preview:
+            stopping = stop_requested(run, signals)
+            run_log.flush(done)
+        if at_checkpoint or stopping:
+            write_checkpoint(run, training, LATEST, done)
+        if at_preview:
+            write_preview(run, training.model, inputs, done)
+        if stopping:
+            return done
+    return stop
+
+
+def announce(run: Run, training: Training, stop: int) -> None:
+    """What is trained on what, with which batch and precision; a warning when the batch is not the paper's."""
+    o, config = run.options, run.config
+    n_params = sum(p.numel() for p in training.model.parameters())
+    precision = f"autocast {str(training.amp_dtype).split('.')[-1]}" if training.amp_dtype else "fp32"
+    run.say(f"pretraining {o.method} (B={config['stages']}) {o.model}: {n_params / 1e6:.1f}M parameters, crop "
+            f"{list(config['crop_size'])}, mask ratio {o.mask_ratio}, {o.pos_embed} position embedding; data: "
+            f"{', '.join(run.data_description)}")
+    batch = (f"{run.world} process(es) x {o.batch_volumes} volumes x {o.crops_per_volume} crops x accumulate "
+             f"{o.accumulate} = {run.crops_per_step} crops/step")
+    run.say(f"effective batch: {batch}; device {run.device}, {precision}; steps {training.start} -> {stop} of "
+            f"{o.steps} (warmup {run.warmup})")
+    if o.lr == PAPER_LR and run.crops_per_step != PAPER_CROPS_PER_STEP:
+        scaled = PAPER_LR * run.crops_per_step / PAPER_CROPS_PER_STEP
+        run.say(f"warning: the paper's learning rate {PAPER_LR:g} belongs to its global batch of "
+                f"{PAPER_CROPS_PER_STEP} crops/step (24 volumes x 8 crops); this run uses lr {o.lr:g} with "
+                f"{run.crops_per_step} crops/step ({batch}). The authors' code applies its learning rate "
+                f"unchanged at any batch size (no linear scaling), and so does this run; linear scaling would "
+                f"give --lr {scaled:.3g}", file=sys.stderr)
+
+
+def write_run_config(run: Run) -> None:
+    options = {k: jsonable(v) for k, v in asdict(run.options).items()}
+    (run.out / "config.json").write_text(json.dumps({"options": options, "model": run.config,
+                                                     "world_size": run.world, "data": run.data_description,
+                                                     "launch": launch_info()}, indent=2, default=list))
+
+
+def run_pretraining(options: PretrainOptions) -> dict:
+    """Run (or continue) a pretraining run. Returns {'step', 'losses', 'output', 'model'}."""
+    check_options(options)
+    rank, world, device, started = setup_distributed(options.device)
+    try:
+        return pretrain(resolve_run(options, rank, world, device))
     except OSError as e:  # full disk, vanished or read-only folder, ...: one message, the checkpoint is kept
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         raise UserError(f"input/output error{where}: {type(e).__name__}: {e.strerror or e}; training stopped. "
-                        f"{last_good(Path(o.output), rank == 0)} Free space or fix the folder, then continue with "
+                        f"{last_good(Path(options.output))} Free space or fix the folder, then continue with "
                         f"the same command plus --resume") from None
     finally:
         if started:
             dist.destroy_process_group()
 
 
-def _train(o: PretrainOptions, rank: int, world: int, device: torch.device) -> dict:
-    out = Path(o.output)
-    config = build_config(o)
-    warmup = min(4000, o.steps // 10) if o.warmup is None else o.warmup
-    sources = find_sources(o.datasets, o.weights, o.plans_name, o.skip_bad_cases)
-    # ids, names, ints or strings: store resolved names and float weights so that --resume compares like with like
-    o = replace(o, datasets=[s.name for s in sources], weights=[float(w) for w in o.weights] if o.weights else None)
-    main = rank == 0
-    say = print if main else (lambda *a, **k: None)
-    resume = o.resume
-    if not resume:  # restarted by torchrun (--max-restarts): continue this job's own run
-        auto = [elastic_restart_of_this_run(out) if main else False]
-        if world > 1:
-            dist.broadcast_object_list(auto, src=0)
-        if auto[0]:
-            say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing the run in {out}")
-            resume = True
-    ckpt = check_output(out, resume, say)
-    check_writable(out)
-    if world > 1:
-        dist.barrier()  # every rank checked the folder before rank 0 writes into it
-    if main:
-        for name in remove_stale_temporaries(out):
-            say(f"removed {out / name}: a checkpoint write cut off by a killed process (the checkpoint it would "
-                f"have replaced is intact)")
-    for s in sources:
-        for msg in s.skipped:
-            say(f"skipping bad case {msg}")
-
-    torch.manual_seed(o.seed)
-    model = HiEndMAE(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, o.steps, warmup, o.lr, o.min_lr))
-    amp_dtype = None
-    if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start = 0
-    global_volumes = world * o.batch_volumes
-    if ckpt is not None:
-        t = restore_training(ckpt, o, global_volumes)
-        load_strict(model, ckpt["state_dict"], out / LATEST)
-        optimizer.load_state_dict(t["optimizer"])
-        scheduler.load_state_dict(t["scheduler"])
-        scaler.load_state_dict(t["scaler"])
-        set_rng_state(t["rng"])
-        start = t["next_step"]
-    stop = min(o.steps, o.stop_at or o.steps)
-    if stop <= start:
-        raise UserError(f"--stop-at {o.stop_at} is not after the run's step {start}")
-
-    if o.log_every is None:
-        o = replace(o, log_every=20 if device.type == "cuda" else 1)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    fwd = torch.compile(net) if o.compile else net
-    dataset = CropDataset(sources, config["crop_size"], o.crops_per_volume, o.seed, config["patch_size"],
-                          augment=o.augment, skip_bad_cases=o.skip_bad_cases)
-    # --fixed-batch: load step 0's micro-batches once and reuse them
-    loader = make_loader(dataset, StepBatches(start, start + 1 if o.fixed_batch else stop, o.accumulate,
-                                              o.batch_volumes, rank, o.fixed_batch),
-                         o.workers, pin_memory=device.type == "cuda")
-    crops_per_step = global_volumes * o.crops_per_volume * o.accumulate
-    data_desc = [f"{s.name} ({len(s.identifiers)} cases, {s.plans_name})" for s in sources]
-    meta_args = dict(method=o.method, spacing=sources[0].spacing, window=sources[0].window, data=data_desc)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"pretraining {o.method} (B={config['stages']}) {o.model}: {n_params / 1e6:.1f}M parameters, crop "
-        f"{list(config['crop_size'])}, mask ratio {o.mask_ratio}; data: {', '.join(data_desc)}")
-    say(f"effective batch: {world} process(es) x {o.batch_volumes} volumes x {o.crops_per_volume} crops x "
-        f"accumulate {o.accumulate} = {crops_per_step} crops/step; device {device}, "
-        f"{'autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else 'fp32'}; steps {start} -> {stop} of "
-        f"{o.steps} (warmup {warmup})")
-
-    writer = log = pbar = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        options = {k: _jsonable(v) for k, v in asdict(o).items()}
-        if start == 0:
-            (out / "config.json").write_text(json.dumps({"options": options, "model": config,
-                                                         "world_size": world, "data": data_desc,
-                                                         "launch": launch_info()}, indent=2, default=list))
-        log = open_log(out / LOG, start)
-        writer = tensorboard_writer(out, o.tensorboard)
-        from tqdm import tqdm
-        pbar = tqdm(total=stop, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
-
-    def save(path: Path, step: int, with_state: bool):
-        if not main:
-            return
-        extra = None
-        if with_state:
-            extra = {"training": {"next_step": step, "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                  "rng": rng_state(), "options": {k: _jsonable(v) for k, v in asdict(o).items()},
-                                  "world_size": world, "global_volumes": global_volumes}}
-        try:
-            save_checkpoint(path, model.state_dict(), make_meta(config, step=step, **meta_args), extra)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}.\nTraining stopped at step {step}. {last_good(out, main)} Free space (or fix "
-                                  f"the folder), then continue with the same command plus --resume") from None
-
-    preview_every = o.checkpoint_every if o.preview_every is None else o.preview_every
-    losses, t_start, step = [], time.perf_counter(), start
-    batches, fixed = iter(loader), []
-    # per-step values stay on the device and are read in one sync at log/checkpoint points, so the host
-    # never waits for the GPU inside a step
-    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm)
-    t_window = time.perf_counter()
-
-    def flush(done: int) -> bool:
-        """Read the pending steps' values; log them; stop on a non-finite loss. Returns the stop flag."""
-        nonlocal t_window
-        flag = torch.tensor([float(stop_flag.set)], device=device)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not pending:
-            return bool(flag.item())
-        values = torch.stack([torch.stack([lv, gn.float()]) for _, _, lv, gn in pending]).tolist()
-        speed = crops_per_step * len(pending) / (time.perf_counter() - t_window)
-        t_window = time.perf_counter()
-        for (s, lr, _, _), (loss_value, grad_norm) in zip(pending, values):
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(
-                    f"the loss became {loss_value} at step {s}; training stopped. {last_good(out, main)} "
-                    f"Lower --lr, set --clip-grad, or check the data, then continue with --resume")
-            losses.append(loss_value)
-            if main and (s % o.log_every == 0 or s == done):
-                rec = {"step": s, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                       "crops_per_s": round(speed, 2), "elapsed_s": round(time.perf_counter() - t_start, 2)}
-                log.write(json.dumps(rec) + "\n")
-                if writer is not None:
-                    for k in ("loss", "lr", "grad_norm", "crops_per_s"):
-                        writer.add_scalar(f"pretrain/{k}", rec[k], s)
-        if main:
-            log.flush()
-            pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]:.2e}", crops_s=f"{speed:.1f}",
-                             refresh=False)
-        pending.clear()
-        return bool(flag.item())
-
-    with StopFlag() as stop_flag:
-        try:
-            for step in range(start, stop):
-                net.train()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(o.accumulate):
-                    batch = fixed[micro] if len(fixed) == o.accumulate else next(batches)
-                    if o.fixed_batch and len(fixed) < o.accumulate:
-                        fixed.append(batch)
-                    if batch["error"]:
-                        raise UserError(f"{batch['error']}\nTraining stopped at step {step + 1}. "
-                                        f"{last_good(out, main)} Continue with the same command plus --resume")
-                    for msg in batch["skipped"]:
-                        say(f"\nskipped bad case {msg}")
-                    x = batch["image"].to(device, non_blocking=True)
-                    perm = batch["perm"].to(device, non_blocking=True)
-                    sync = net.no_sync() if world > 1 and micro < o.accumulate - 1 else nullcontext()
-                    with sync:
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            loss = fwd(x, shuffle_indices=perm).loss
-                        scaler.scale(loss / o.accumulate).backward()
-                    loss_sum += loss.detach().float() / o.accumulate
-                if world > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
-                # a non-finite loss is caught at the next flush, which always comes before a checkpoint is
-                # written: damaged weights are never saved
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                done = step + 1
-                faults.maybe_kill_at_step(done)  # tests only (HIMAE_FAULT_KILL_AT_STEP); a no-op otherwise
-                pending.append((done, lr, loss_sum, grad_norm))
-                if main:
-                    pbar.update(1)
-                at_checkpoint = done % o.checkpoint_every == 0 or done == stop
-                at_preview = main and preview_every and (done % preview_every == 0 or done == o.steps)
-                stopping = False
-                if done % o.log_every == 0 or at_checkpoint or at_preview:
-                    stopping = flush(done)
-                if at_checkpoint or stopping:
-                    save(out / LATEST, done, with_state=True)
-                if at_preview:
-                    from himae_nnunet.pretrain.preview import save_preview
-                    save_preview(model, x[:1], perm[:1], out / "previews" / f"step_{done:07d}.png",
-                                 f"{o.method} step {done}")
-                if stopping:
-                    stop = done
-                    break
-            if stop == o.steps:
-                save(out / FINAL, o.steps, with_state=False)
-        finally:
-            if main:
-                for closing in (pbar, log, writer):
-                    try:
-                        if closing is not None:
-                            closing.close()
-                    except OSError:  # e.g. a full disk: the error that stopped the run is the one to report
-                        pass
-    if stop == o.steps:
-        say(f"done: {out / FINAL} (step {o.steps}); log {out / LOG}")
+def pretrain(run: Run) -> dict:
+    """The run's steps, holding its folder: resume point, build, loader, loop, final checkpoint."""
+    with run_folder(run):
+        training = build_training(run, resume_checkpoint(run))
+        stop = end_step(run, training.start)
+        batches = MicroBatches(run, training.start, stop)
+        announce(run, training, stop)
+        if run.main and training.start == 0:
+            write_run_config(run)
+        run_log = RunLog(run.out, run.main, training.start, stop, run.options.log_every, run.crops_per_step,
+                         run.options.tensorboard)
+        with StopFlag() as signals, run_log:
+            ended = train(run, training, batches, run_log, signals, stop)
+            if ended == run.options.steps:
+                write_checkpoint(run, training, FINAL, ended, with_state=False)
+    if ended == run.options.steps:
+        run.say(f"done: {run.out / FINAL} (step {ended}); log {run.out / LOG}")
     else:
-        say(f"stopped at step {stop} of {o.steps}: {out / LATEST}; continue with the same command plus --resume")
-    return {"step": stop, "losses": losses, "output": str(out), "model": model}
-
-
-def tensorboard_writer(out: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+        run.say(f"stopped at step {ended} of {run.options.steps}: {run.out / LATEST}; continue with the same "
+                f"command plus --resume")
+    return {"step": ended, "losses": run_log.losses, "output": str(run.out), "model": training.model}

@@ -1,5 +1,5 @@
 """Run folder state of pretraining: RNG states as plain tensors/lists (checkpoints load with
-weights_only=True), the refusal to mix runs, the options a resumed run must keep, and log.jsonl."""
+weights_only=True), the refusal to mix runs, the options a resumed run must keep, torchrun restarts."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
 # options that define the sample and model sequence: a resumed run must keep them
 RUN_DEFINING = ("datasets", "weights", "plans_name", "model", "method", "stages", "mask_ratio", "crop_size",
-                "crops_per_volume", "accumulate", "seed", "fixed_batch", "augment")
+                "pos_embed", "crops_per_volume", "accumulate", "seed", "fixed_batch", "augment")
+# options that only change how the run continues: a resumed run may change them, with a note
+CONTINUATION = ("lr", "min_lr", "warmup", "weight_decay", "clip_grad", "steps")
 
 
 def rng_state() -> dict:
@@ -42,8 +44,8 @@ def set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def check_output(out: Path, resume: bool, say=print):
-    """Refuse to mix runs; returns the checkpoint to resume from (or None)."""
+def checkpoint_to_resume(out: Path, resume: bool, say=print) -> dict | None:
+    """The checkpoint this invocation continues from, None for a new run; refuses to mix runs."""
     existing = [n for n in (LATEST, FINAL, LOG) if (out / n).exists()]
     if not resume:
         if existing:
@@ -99,32 +101,40 @@ def elastic_restart_of_this_run(out: Path) -> bool:
     return saved is not None and saved == launch_info()
 
 
-def restore_training(ckpt: dict, o: PretrainOptions, global_volumes: int) -> dict:
-    t = ckpt.get("training")
-    if not isinstance(t, dict):
-        raise UserError(f"{o.output}/{LATEST} holds no training state (weights only); start a new run from it "
+def restore_training(ckpt: dict, options: PretrainOptions, global_volumes: int) -> dict:
+    """The checkpoint's training state, after checking that `options` continue the saved run."""
+    state = ckpt.get("training")
+    if not isinstance(state, dict):
+        raise UserError(f"{options.output}/{LATEST} holds no training state (weights only); start a new run from it "
                         f"is not supported, choose another --output")
-    saved = t["options"]
-    diff = [k for k in RUN_DEFINING if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k)))]
-    if t["global_volumes"] != global_volumes:
-        diff.append(f"global batch ({t['global_volumes']} volumes saved, now {global_volumes})")
+    saved = state["options"]
+    diff = [k for k in RUN_DEFINING if differs(saved, options, k)]
+    if state["global_volumes"] != global_volumes:
+        diff.append(f"global batch ({state['global_volumes']} volumes saved, now {global_volumes})")
     if diff:
         raise UserError("--resume with options that differ from the saved run: " + ", ".join(
             f"{k} (saved {saved.get(k)!r})" if k in saved else k for k in diff) + "; use the same values")
-    for k in ("lr", "min_lr", "warmup", "weight_decay", "clip_grad", "steps"):
-        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(o, k))):
-            print(f"note: --{k.replace('_', '-')} changed from {saved.get(k)} to {getattr(o, k)}; the continuation "
-                  f"differs from an uninterrupted run")
-    if t["next_step"] >= o.steps:
-        raise UserError(f"the run in {o.output} is at step {t['next_step']} already; give a larger --steps")
-    return t
+    for k in CONTINUATION:
+        if differs(saved, options, k):
+            print(f"note: --{k.replace('_', '-')} changed from {saved.get(k)} to {getattr(options, k)}; the "
+                  f"continuation differs from an uninterrupted run")
+    if state["next_step"] >= options.steps:
+        raise UserError(f"the run in {options.output} is at step {state['next_step']} already; give a larger --steps")
+    return state
 
 
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
+def differs(saved: dict, options: PretrainOptions, name: str) -> bool:
+    """Whether option `name` differs from the saved run's; an option newer than the run counts as its default."""
+    default = type(options).__dataclass_fields__[name].default
+    return json.dumps(saved.get(name, jsonable(default))) != json.dumps(jsonable(getattr(options, name)))
 
 
-def last_good(out: Path, main: bool) -> str:
+def jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def last_good(out: Path) -> str:
+    """The sentence for error messages about which checkpoint survives."""
     if (out / LATEST).is_file():
         try:
             step = read_checkpoint(out / LATEST)["meta"]["step"]
@@ -132,20 +142,3 @@ def last_good(out: Path, main: bool) -> str:
         except UserError:
             pass
     return "No checkpoint had been written yet."
-
-
-def open_log(path: Path, start: int):
-    """log.jsonl for appending; entries after `start` (written by a run killed after its last checkpoint)
-    are dropped so that the resumed log reads like an uninterrupted one."""
-    if path.exists():
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= start:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut off by a kill
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
-    return open(path, "a")

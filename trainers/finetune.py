@@ -8,7 +8,6 @@ optional layer-wise LR decay and frozen-encoder warmup (encoder LR 0, so DDP see
 gradient-norm clipping, no deep supervision. Options come from the plans' `himae.finetune` block, so the
 constructor keeps nnU-Net's exact signature. Inference rebuilds the network with the static builder alone.
 """
-import math
 import re
 import warnings
 
@@ -24,6 +23,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa:
 from nnunetv2.utilities.helpers import dummy_context  # noqa: E402
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.optim import adamw_param_groups
+from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.vit_plans.planning import FINETUNE_DEFAULTS, UNETR_CLASS, check_against_pretraining, is_vit_plans
 
 
@@ -50,19 +51,14 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_groups(network, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups by (decay or not, layer); each carries lr_scale and whether it is encoder."""
+    """AdamW groups by the shared no-decay rule (core.optim), split by layer; each carries lr_scale and
+    whether it is encoder."""
     depth = len(network.encoder.blocks)
-    groups = {}
-    for name, p in network.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in ("encoder.cls_token", "encoder.pos_embed")
-        layer = layer_id(name, depth)
-        key = (no_decay, layer, name.startswith("encoder."))
-        g = groups.setdefault(key, dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
-                                        lr_scale=layer_decay ** (depth + 1 - layer), is_encoder=key[2]))
-        g["params"].append(p)
-    return list(groups.values())
+
+    def layer_fields(name: str) -> dict:
+        return dict(lr_scale=layer_decay ** (depth + 1 - layer_id(name, depth)),
+                    is_encoder=name.startswith("encoder."))
+    return adamw_param_groups(network, weight_decay, layer_fields)
 
 
 class WarmupDecayLR(_LRScheduler):
@@ -79,10 +75,7 @@ class WarmupDecayLR(_LRScheduler):
         super().__init__(optimizer, current_step if current_step is not None else -1)
 
     def factor(self, epoch: int) -> float:
-        if epoch < self.warmup:
-            return (epoch + 1) / self.warmup
-        t = min(1.0, (epoch - self.warmup) / max(1, self.num_epochs - self.warmup))
-        return 0.5 * (1 + math.cos(math.pi * t)) if self.schedule == "cosine" else (1 - t) ** 0.9
+        return warmup_decay_factor(epoch, self.num_epochs, self.warmup, decay=self.schedule)
 
     def step(self, current_step=None):
         if current_step is None or current_step == -1:

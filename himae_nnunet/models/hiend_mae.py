@@ -105,6 +105,10 @@ class HiEndMAE(nn.Module):
         self.decoder.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """The mask token; the encoder declares its own (core.optim collects every module's declaration)."""
+        return {"mask_token"}
+
     @property
     def num_visible(self) -> int:
         return int(self.num_tokens * (1 - self.config["mask_ratio"]))

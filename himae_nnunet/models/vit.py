@@ -131,6 +131,10 @@ class ViTEncoder3D(nn.Module):
             hidden_states.append(x)
         return self.norm(x), hidden_states
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides biases and norms (core.optim's rule); timm's convention."""
+        return {"cls_token", "pos_embed"}
+
 
 def _init_weights(m: nn.Module) -> None:
     """MAE-style init: xavier-uniform linears, zero biases, unit norms; conv patch embed as a linear."""
