@@ -3,7 +3,8 @@ one-shot / 1 % / 10 % / 100 % of the labels; 250 iterations per epoch as nnU-Net
 two epochs of ten iterations, two validation iterations, no test-time mirroring (CPU smoke tests only)."""
 import torch
 
-from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
+from himae_nnunet.trainers.finetune import (nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR,
+                                            nnUNetTrainerUNETRPretrainedWeights)
 
 
 class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):
@@ -46,6 +47,26 @@ class nnUNetTrainerUNETR_5000epochs(nnUNetTrainerUNETR):
     EPOCHS = 5000
 
 
+class nnUNetTrainerUNETRPretrainedWeights_100epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 100
+
+
+class nnUNetTrainerUNETRPretrainedWeights_250epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 250
+
+
+class nnUNetTrainerUNETRPretrainedWeights_500epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 500
+
+
+class nnUNetTrainerUNETRPretrainedWeights_2000epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 2000
+
+
+class nnUNetTrainerUNETRPretrainedWeights_5000epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 5000
+
+
 class SmokeMixin:
     EPOCHS, ITERATIONS, VAL_ITERATIONS = 2, 10, 2
 
@@ -60,4 +81,8 @@ class nnUNetTrainerHiEndMAE_smoke(SmokeMixin, nnUNetTrainerHiEndMAE):
 
 
 class nnUNetTrainerUNETR_smoke(SmokeMixin, nnUNetTrainerUNETR):
+    pass
+
+
+class nnUNetTrainerUNETRPretrainedWeights_smoke(SmokeMixin, nnUNetTrainerUNETRPretrainedWeights):
     pass
