@@ -46,6 +46,9 @@ setup(
         "batchgeneratorsv2",
         "SimpleITK",
         "numpy",
+        "scipy",
+        "blosc2",
+        "timm>=1.0,<1.1",  # tested with 1.0.22
         "tqdm",
         "matplotlib",
     ],

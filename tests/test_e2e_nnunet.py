@@ -1,9 +1,12 @@
 """End to end with stock nnU-Net commands on real CT: patient A trains, patient B (from DICOM) validates.
 
 nnUNetv2_plan_and_preprocess -> himae-nnunet plan (tiny checkpoint) -> nnUNetv2_preprocess -> himae-nnunet split
--> nnUNetv2_train (smoke trainer, CPU) -> nnUNetv2_predict -> nnUNetv2_evaluate_folder; and the baseline through
-`himae-nnunet export-pretrained` + stock `-pretrained_weights` with the `train` / `predict` wrappers.
-Small on purpose: 3 mm spacing, 32^3 patches, vit_tiny, UNETR width 8, 2 x 10 iterations.
+-> nnUNetv2_train (smoke trainer, CPU) -> nnUNetv2_predict -> nnUNetv2_evaluate_folder; resuming and
+re-validating that fold after the pretraining file moved; sharing it as a zip into a fresh nnU-Net tree; the
+full-network-file route (`himae-nnunet export-pretrained` + stock `-pretrained_weights`) under a trainer name
+of its own, with the `train` / `predict` wrappers; and nnU-Net's model selection over both.
+Small on purpose: 3 mm spacing, 32^3 patches, vit_tiny, UNETR width 8, 2 x 10 iterations. The trained folds are
+module fixtures, shared by the tests.
 """
 import hashlib
 import json
@@ -20,14 +23,19 @@ from test_plan import tiny_checkpoint
 
 BIN = Path(sys.executable).parent
 PLANS, TRAINER = "HiEndMAEPlans", "nnUNetTrainerHiEndMAE_smoke"
+FILE_TRAINER = "nnUNetTrainerUNETRPretrainedWeights_smoke"
 
 
-def run(*cmd, env=None, stdout_only=False) -> str:
+def run(*cmd, env=None, stdout_only=False, fails=False) -> str:
     proc = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{out[-4000:]}"
+    assert (proc.returncode != 0) == fails, f"{' '.join(map(str, cmd))} exit {proc.returncode}:\n{out[-4000:]}"
     return proc.stdout if stdout_only else out
+
+
+def results(chain, trainer: str) -> Path:
+    return chain["root"] / "nnUNet_results" / chain["raw"].name / f"{trainer}__{PLANS}__3d_fullres"
 
 
 def digests(folder: Path) -> dict:
@@ -52,13 +60,37 @@ def chain(tmp_path_factory):
     pre = root / "nnUNet_preprocessed" / raw.name
     baseline = digests(pre / "nnUNetPlans_3d_fullres") | {"plans": digests(pre)["nnUNetPlans.json"]}
     out = run("himae-nnunet", "plan", 501, "--checkpoint", ckpt, "--patch-size", 32, 32, 32, "--feature-size", 8,
-              env=env)
+              "--layer-decay", 0.5, "--freeze-encoder-epochs", 1, env=env)
     assert "export nnUNet_extTrainer=" in out  # not set in env: the exact line to run is printed
+    assert "splits the batch of 2 over N GPUs, so N must divide it (here N = 1, 2)" in out
     run("nnUNetv2_preprocess", "-d", 501, "-plans_name", PLANS, "-c", "3d_fullres", "-np", 1, env=env)
     out = run("himae-nnunet", "split", 501, "--cases", "patientA", env=env)
     assert "fold 0: train 1 [patientA], val 1" in out
     env["nnUNet_n_proc_DA"] = "0"  # training: augmentation in the main process (planning needs it > 0)
-    return dict(root=root, env=env, raw=raw, pre=pre, ckpt=ckpt, baseline=baseline)
+    ext = run("himae-nnunet", "ext-trainer-path", env=env, stdout_only=True).strip()
+    return dict(root=root, env=env, env_ext=env | {"nnUNet_extTrainer": ext}, raw=raw, pre=pre, ckpt=ckpt,
+                baseline=baseline)
+
+
+@pytest.fixture(scope="module")
+def hiend_fold(chain) -> Path:
+    """Fold 0 trained with the pretrained encoder by stock nnUNetv2_train."""
+    run("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", TRAINER, "-p", PLANS, "-device", "cpu", env=chain["env_ext"])
+    return results(chain, TRAINER) / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def file_fold(chain) -> Path:
+    """Fold 0 started from an exported full-network file through stock -pretrained_weights (the wrapper)."""
+    full = chain["root"] / "full_network.pth"
+    out = run("himae-nnunet", "export-pretrained", "--plans", chain["pre"] / f"{PLANS}.json", "-o", full,
+              env=chain["env"])
+    assert f"-tr nnUNetTrainerUNETRPretrainedWeights -p {PLANS} -pretrained_weights" in out
+    chain["full"] = full
+    out = run("himae-nnunet", "train", 501, "3d_fullres", 0, "-tr", FILE_TRAINER, "-device", "cpu",
+              "-pretrained_weights", full, env=chain["env"])  # the wrapper sets nnUNet_extTrainer and -p
+    assert "Loading pretrained weights from file" in out
+    return results(chain, FILE_TRAINER) / "fold_0"
 
 
 def check_same_geometry(pred_file: Path, image_file: Path) -> np.ndarray:
@@ -72,9 +104,9 @@ def check_same_geometry(pred_file: Path, image_file: Path) -> np.ndarray:
     return labels
 
 
-def test_hiend_mae_chain(chain):
+def test_hiend_mae_chain(chain, hiend_fold):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    env, root, pre = chain["env"], chain["root"], chain["pre"]
+    env, root, pre, fold = chain["env"], chain["root"], chain["pre"], hiend_fold
     # ViT data: stock preprocessing with our plans gives [0, 1] at 3 mm; the baseline plans and data are untouched
     folder = pre / f"{PLANS}_3d_fullres_zlin"
     data, seg, _, props = infer_dataset_class(str(folder))(str(folder), ["patientA"]).load_case("patientA")
@@ -82,21 +114,21 @@ def test_hiend_mae_chain(chain):
     assert data.min() >= 0 and data.max() <= 1 and data.max() > 0.99 and data.shape[1:] == (112, 101, 122)
     assert digests(pre / "nnUNetPlans_3d_fullres") | {"plans": digests(pre)["nnUNetPlans.json"]} == chain["baseline"]
 
-    env_ext = env | {"nnUNet_extTrainer": run("himae-nnunet", "ext-trainer-path", env=env, stdout_only=True).strip()}
-    run("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", TRAINER, "-p", PLANS, "-device", "cpu", env=env_ext)
-    fold = root / "nnUNet_results" / chain["raw"].name / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     loaded = json.loads((fold / "pretrained_weights.json").read_text())
     assert "encoder.blocks.11.attn.proj.weight" in loaded["loaded"]
     assert loaded["resized"] == ["encoder.pos_embed grid (3, 3, 3) -> (2, 2, 2) (fixed sin-cos table rebuilt)"]
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "pretrained weights from" in log and "random init (not in the file): decoder." in log
+    # the LR nnU-Net logs (and plots) is the decoder's: 1e-4, cosine to 5e-5 at epoch 1 of 2; the encoder's
+    # groups are frozen in epoch 0 and layer-decayed by 0.5 per block
+    assert [line.split(": ")[-1] for line in log.splitlines() if "Current learning rate" in line] == ["0.0001", "5e-05"]
     assert (fold / "validation" / f"{CASE_B}.nii.gz").is_file()
 
     pred = root / "pred"
     run("nnUNetv2_predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-c", "3d_fullres", "-f", 0,
         "-tr", TRAINER, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1,
-        env=env_ext)
+        env=chain["env_ext"])
     check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
     run("nnUNetv2_evaluate_folder", chain["raw"] / "labelsTs", pred, "-djfile", pre / "dataset.json",
         "-pfile", fold.parent / "plans.json", env=env)
@@ -106,17 +138,95 @@ def test_hiend_mae_chain(chain):
     assert all(np.isnan(d) or 0 <= d <= 1 for d in dice.values())
 
 
-def test_baseline_with_stock_pretrained_weights_and_wrappers(chain):
-    env, root, pre = chain["env"], chain["root"], chain["pre"]
-    full = root / "full_network.pth"
-    run("himae-nnunet", "export-pretrained", "--plans", pre / f"{PLANS}.json", "-o", full, env=env)
-    trainer = "nnUNetTrainerUNETR_smoke"
-    out = run("himae-nnunet", "train", 501, "3d_fullres", 0, "-tr", trainer, "-device", "cpu",
-              "-pretrained_weights", full, env=env)  # the wrapper sets nnUNet_extTrainer and -p
-    assert "Loading pretrained weights from file" in out
-    fold = root / "nnUNet_results" / chain["raw"].name / f"{trainer}__{PLANS}__3d_fullres" / "fold_0"
-    assert (fold / "checkpoint_final.pth").is_file() and not (fold / "pretrained_weights.json").exists()
-    pred = root / "pred_baseline"
-    run("himae-nnunet", "predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-f", 0, "-tr", trainer,
-        "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1, env=env)
+def test_resume_and_revalidate_after_the_pretraining_file_moved(chain, hiend_fold):
+    """--c / --val / --val_best read the fold's own checkpoints only; a fresh start refuses a changed file."""
+    ckpt, env = chain["ckpt"], chain["env_ext"]
+    train = ("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", TRAINER, "-p", PLANS, "-device", "cpu")
+    moved = ckpt.with_name("moved.pt")
+    ckpt.rename(moved)
+    try:
+        logs = set(hiend_fold.glob("training_log_*.txt"))
+        run(*train, "--val", "--val_best", env=env)
+        run(*train, "--c", env=env)  # finished fold: nothing left to train, validates again
+        new_logs = "".join(p.read_text() for p in set(hiend_fold.glob("training_log_*.txt")) - logs)
+        assert "pretrained weights from" not in new_logs
+        tiny_checkpoint(ckpt, crop=32)  # another file under the planned name
+        run(*train, "--c", env=env)  # still fine: the fold holds every weight
+        out = run(*train, env=env, fails=True)  # from scratch: the pretraining file is read, and refused
+        assert "changed since the plans were made" in out
+    finally:
+        moved.replace(ckpt)
+    assert json.loads((hiend_fold / "validation" / "summary.json").read_text())["mean"]
+
+
+def test_full_network_file_gets_a_results_folder_of_its_own(chain, file_fold):
+    env, root = chain["env"], chain["root"]
+    out = run("himae-nnunet", "train", 501, "3d_fullres", 0, "-tr", "nnUNetTrainerUNETR_smoke", "-device", "cpu",
+              "-pretrained_weights", chain["full"], env=env, fails=True)
+    assert "Train with -tr nnUNetTrainerUNETRPretrainedWeights_smoke instead" in out
+    assert not (results(chain, "nnUNetTrainerUNETR_smoke") / "fold_0" / "checkpoint_final.pth").exists()
+    assert (file_fold / "checkpoint_final.pth").is_file() and not (file_fold / "pretrained_weights.json").exists()
+    pred = root / "pred_file"
+    run("himae-nnunet", "predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-f", 0, "-tr",
+        FILE_TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1, env=env)
     check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
+
+
+def small_image(chain, folder: Path) -> Path:
+    """A 40-slice crop of patient B: prediction in seconds."""
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz"))
+    folder.mkdir()
+    sitk.WriteImage(image[:, :, :40], str(folder / f"{CASE_B}_0000.nii.gz"))
+    return folder / f"{CASE_B}_0000.nii.gz"
+
+
+PYTHON_API = """
+import sys
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+predictor = nnUNetPredictor(device=__import__("torch").device("cpu"), use_mirroring=False)
+try:
+    predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
+except RuntimeError as e:
+    print("without the line:", str(e)[:60])
+from himae_nnunet.vit_plans.cli import with_ext_trainer_env; with_ext_trainer_env()  # the one line
+predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
+predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,
+                             num_processes_segmentation_export=1)
+"""
+
+
+def test_model_shared_as_zip_predicts_in_a_fresh_tree(chain, hiend_fold, tmp_path):
+    zipped = tmp_path / "model.zip"
+    run("nnUNetv2_export_model_to_zip", "-d", 501, "-o", zipped, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
+        "-f", 0, env=chain["env"])
+    fresh = {k: v for k, v in chain["env"].items() if k not in ("nnUNet_raw", "nnUNet_preprocessed")}
+    fresh["nnUNet_results"] = str(tmp_path / "results")  # another machine: no data, no pretraining file
+    run("nnUNetv2_install_pretrained_model_from_zip", zipped, env=fresh)
+    model = tmp_path / "results" / chain["raw"].name / f"{TRAINER}__{PLANS}__3d_fullres"
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    image = small_image(chain, tmp_path / "in")
+    ext = fresh | {"nnUNet_extTrainer": chain["env_ext"]["nnUNet_extTrainer"]}
+    run("nnUNetv2_predict", "-i", image.parent, "-o", tmp_path / "p1", "-d", 501, "-c", "3d_fullres", "-f", 0,
+        "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
+    run("nnUNetv2_predict_from_modelfolder", "-i", image.parent, "-o", tmp_path / "p2", "-m", model, "-f", 0,
+        "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
+    script = tmp_path / "api.py"
+    script.write_text(PYTHON_API)
+    out = run("python", script, model, image.parent, tmp_path / "p3", env=fresh)  # nnUNet_extTrainer unset
+    assert "without the line: Could not find requested nnunet trainer" in out
+    first = check_same_geometry(tmp_path / "p1" / f"{CASE_B}.nii.gz", image)
+    for other in ("p2", "p3"):
+        assert np.array_equal(check_same_geometry(tmp_path / other / f"{CASE_B}.nii.gz", image), first)
+
+
+def test_compare_selects_over_explicit_trainer_plans_pairs(chain, hiend_fold, file_fold):
+    env = chain["env"]
+    out = run("himae-nnunet", "compare", 501, "-f", 0, env=env, fails=True)  # default: with nnU-Net's CNN
+    assert "nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0 has no validation results; train that fold first: " \
+           "nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer -p nnUNetPlans" in out
+    out = run("himae-nnunet", "compare", 501, "-f", 0, "--model", f"{TRAINER}:{PLANS}", "--model",
+              f"{FILE_TRAINER}:{PLANS}", env=env)
+    assert "best: " in out and f"{TRAINER}__{PLANS}__3d_fullres" in out and f"{FILE_TRAINER}__{PLANS}" in out
+    info = json.loads((chain["root"] / "nnUNet_results" / chain["raw"].name / "inference_information.json").read_text())
+    assert len(info["considered_models"]) == 2

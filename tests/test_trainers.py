@@ -40,7 +40,7 @@ def test_resize_adapt_and_report(tmp_path):
     sd, meta = read_pretrained(ckpt)
     net = UNETR(2, 3, preset="vit_tiny", patch_size_voxels=(32, 48, 64), feature_size=4, pos_embed="learnable")
     lines = []
-    report = load_pretrained_into(net, ckpt, sha256(ckpt), lines.append)
+    report = load_pretrained_into(net, ckpt, lines.append)
     own = net.state_dict()
     assert torch.equal(own["encoder.blocks.11.mlp.fc2.weight"], sd["encoder.blocks.11.mlp.fc2.weight"])
     assert torch.equal(own["encoder.cls_token"], sd["encoder.cls_token"])
@@ -181,9 +181,9 @@ def test_export_pretrained_for_stock_loader(tmp_path, nnunet_dirs, capsys):
     (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
     out = tmp_path / "full.pth"
     assert main(["export-pretrained", "--plans", str(folder / "P.json"), "-o", str(out)]) == 0
-    assert "-tr nnUNetTrainerUNETR -p P -pretrained_weights" in capsys.readouterr().out
+    assert "-tr nnUNetTrainerUNETRPretrainedWeights -p P -pretrained_weights" in capsys.readouterr().out
     torch.manual_seed(1)
-    net = build_network_from_plans(plans, DATASET_JSON)
+    net = build_network_from_plans(plans["configurations"]["3d_fullres"], 1, 3)
     load_pretrained_weights(net, str(out))  # nnU-Net's own loader: every key but seg_layers, same shapes
     sd, _ = read_pretrained(ckpt)
     assert torch.equal(net.state_dict()["encoder.blocks.3.norm1.weight"], sd["encoder.blocks.3.norm1.weight"])
@@ -192,6 +192,16 @@ def test_export_pretrained_for_stock_loader(tmp_path, nnunet_dirs, capsys):
     assert main(["export-pretrained", "--plans", str(folder / "P.json"), "--checkpoint", str(small), "-o",
                  str(tmp_path / "x.pth")]) == 2
     assert "vit_small" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
+    # the trainer's checks, made by the one shared function: strict spacing, then a changed file
+    strict = plans | {"himae": plans["himae"] | {"strict": True}}
+    strict["configurations"]["3d_fullres"] = plans["configurations"]["3d_fullres"] | {"spacing": [1.0, 1.0, 1.0]}
+    (folder / "S.json").write_text(json.dumps(strict | {"plans_name": "S"}))
+    assert main(["export-pretrained", "--plans", str(folder / "S.json"), "-o", str(tmp_path / "s.pth")]) == 2
+    assert "spacing [1.0, 1.0, 1.0] differs from the pretraining spacing" in capsys.readouterr().err
+    tiny_checkpoint(ckpt, crop=32)  # the plans' file is replaced after planning
+    assert main(["export-pretrained", "--plans", str(folder / "P.json"), "-o", str(tmp_path / "y.pth")]) == 2
+    assert "changed since the plans were made" in capsys.readouterr().err
+    assert not (tmp_path / "s.pth").exists() and not (tmp_path / "y.pth").exists()
 
 
 def test_train_wrapper_refuses_non_vit_or_missing_plans(nnunet_dirs, capsys):
@@ -203,3 +213,101 @@ def test_train_wrapper_refuses_non_vit_or_missing_plans(nnunet_dirs, capsys):
     assert main(["train", "900", "3d_fullres", "0", "-device", "cpu"]) == 2  # default -p HiEndMAEPlans
     assert "HiEndMAEPlans.json do not exist" in capsys.readouterr().err
     assert not any(nnunet_dirs["nnUNet_results"].iterdir())
+
+
+def write_plans_folder(root, plans) -> None:
+    folder = root / "Dataset900_X"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{plans['plans_name']}.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+
+
+@pytest.mark.parametrize("trainer,edit,message", [
+    ("nnUNetTrainerHiEndMAE", lambda h: h["finetune"].update(epochs=3),
+     r"plans 'P' himae.finetune: unknown fine-tuning options \['epochs'\]"),
+    ("nnUNetTrainerUNETR", lambda h: h.update(format_version=2, package_version="9.0"),
+     r"himae.format_version 2 \(written by himae-nnunet 9.0\).*upgrade"),
+    ("nnUNetTrainer", lambda h: None, r"UNETR\(deep_supervision=True\).*-tr nnUNetTrainerHiEndMAE"),
+])
+def test_stock_run_training_refuses_bad_plans_and_stock_trainers(tmp_path, nnunet_dirs, monkeypatch, trainer,
+                                                                 edit, message):
+    """nnU-Net's own run_training (what nnUNetv2_train calls): hand-edited or newer plans and a CNN trainer
+    on our plans stop with our message (stock: KeyError 'strides'), before any data is read."""
+    from nnunetv2.run.run_training import run_training
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    plans = vit_plans(ckpt, meta)
+    edit(plans["himae"])
+    write_plans_folder(nnunet_dirs["nnUNet_preprocessed"], plans)
+    with pytest.raises(UserError, match=message):
+        run_training("900", "3d_fullres", 0, trainer, "P", device=torch.device("cpu"))
+
+
+def test_plans_carry_the_package_version(tmp_path):
+    import himae_nnunet
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    h = vit_plans(ckpt, meta)["himae"]
+    assert (h["format_version"], h["package_version"]) == (1, himae_nnunet.__version__)
+
+
+def test_logged_lr_is_the_heads_and_frozen_encoder_is_not_clipped():
+    from himae_nnunet.trainers.finetune import applied_parameters, head_first
+    torch.manual_seed(0)
+    net = UNETR(1, 2, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4)
+    opt = torch.optim.AdamW(head_first(param_groups(net, 1e-5, layer_decay=0.5)), lr=1e-4)
+    sched = WarmupDecayLR(opt, 1e-4, num_epochs=10, warmup_epochs=0, freeze_encoder_epochs=1)
+    sched.step(0)
+    assert not opt.param_groups[0]["is_encoder"] and opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    net(torch.rand(1, 1, 32, 32, 32)).square().mean().backward()
+    decoder = [p for n, p in net.named_parameters() if not n.startswith("encoder.")]
+    applied = applied_parameters(opt)
+    assert {id(p) for p in applied} == {id(p) for p in decoder}  # epoch 0: the encoder is frozen
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in decoder]))
+    assert torch.nn.utils.clip_grad_norm_(applied, 1e9) == pytest.approx(expected.item(), rel=1e-5)
+    sched.step(1)
+    assert len(applied_parameters(opt)) == len(list(net.parameters()))
+
+
+def test_ddp_batch_must_split_evenly_over_the_gpus(tmp_path, nnunet_dirs):
+    """nnU-Net's DDP batch split under a 3-process group (torch's fake backend: one process, no GPU)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+    try:
+        with pytest.raises(UserError, match=r"-num_gpus 3: plans 'P' have batch size 2.*--batch-size 3 --overwrite"):
+            nnUNetTrainerUNETR(vit_plans(ckpt, meta) | {"continue_training": False}, "3d_fullres", 0, DATASET_JSON,
+                               torch.device("cpu"))
+        assert not any(nnunet_dirs["nnUNet_results"].iterdir())
+        t = nnUNetTrainerUNETR(vit_plans(ckpt, meta, batch_size=6) | {"continue_training": False}, "3d_fullres",
+                               0, DATASET_JSON, torch.device("cpu"))
+        t._set_batch_size_and_oversample()
+        assert t.batch_size == 2  # 6 patches over 3 GPUs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_third_party_imports_are_declared():
+    """Every package the code imports is a requirement in setup.py; timm's range holds the version we test."""
+    import ast
+    import re
+    import sys
+    import timm
+    from conftest import REPO
+    setup = (REPO / "setup.py").read_text()
+    block = re.search(r"install_requires=\[(.*?)\]", setup, re.S).group(1)
+    requirements = dict(re.match(r"([\w.\-]+)(.*)", r).groups() for r in re.findall(r'"([^"]+)"', block))
+    declared = {name.lower().replace("-", "_") for name in requirements}
+    imported = set()
+    for folder in ("himae_nnunet", "pretrain", "trainers"):
+        for f in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    imported.add(node.module.split(".")[0])
+    third = {m.lower() for m in imported if m not in sys.stdlib_module_names and m != "himae_nnunet"}
+    assert "timm" in third and third <= declared, third - declared
+    low, high = re.fullmatch(r">=([\d.]+),<([\d.]+)", requirements["timm"]).groups()
+    as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
+    assert as_tuple(low) <= as_tuple(timm.__version__) < as_tuple(high)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from himae_nnunet.checkpoint.format import make_meta, read_checkpoint, save_checkpoint
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.models import HiEndMAE, UNETR, model_config
 from himae_nnunet.models.unetr import upsampling_factors
 
@@ -28,16 +29,26 @@ def test_forward_backward(size, patch, decoder):
 
 def test_nnunet_calling_convention_and_names():
     cls = pydoc.locate("himae_nnunet.models.unetr.UNETR")
-    net = cls(input_channels=2, num_classes=4, deep_supervision=True, preset="vit_tiny",
+    net = cls(input_channels=2, num_classes=4, deep_supervision=False, preset="vit_tiny",
               patch_size_voxels=[32, 32, 32], feature_size=4)
     keys = net.state_dict().keys()
     assert {k for k in keys if ".seg_layers." in f".{k}"} == {"decoder.seg_layers.weight", "decoder.seg_layers.bias"}
     assert net(torch.rand(1, 2, 32, 32, 32)).shape == (1, 4, 32, 32, 32)  # no deep-supervision list
 
 
+def test_stock_deep_supervision_is_refused_naming_our_trainers():
+    with pytest.raises(UserError, match="trains only with our trainers: -tr nnUNetTrainerHiEndMAE"):
+        UNETR(1, 2, True, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4)
+    net = UNETR(1, 2, False, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4)
+    assert net.decoder.deep_supervision is False
+    with pytest.raises(UserError, match="stock nnU-Net trainer set decoder.deep_supervision"):
+        net.decoder.deep_supervision = False  # what nnUNetTrainer.set_deep_supervision_enabled does
+
+
 @pytest.mark.parametrize("decoder", ["ours", "authors"])
 def test_same_parameters_for_training_and_inference(decoder):
-    a = UNETR(1, 2, True, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, decoder=decoder)
+    """What training builds is what inference rebuilds and loads strictly (both without deep supervision)."""
+    a = UNETR(1, 2, False, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, decoder=decoder)
     b = UNETR(1, 2, False, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, decoder=decoder)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     b.load_state_dict(a.state_dict(), strict=True)

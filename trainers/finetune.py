@@ -1,17 +1,24 @@
 """nnU-Net trainers for ViT plans made by `himae-nnunet plan`.
 
-nnUNetTrainerUNETR      our UNETR from scratch (the baseline)
-nnUNetTrainerHiEndMAE   the same network, encoder loaded from the checkpoint the plans name
+nnUNetTrainerUNETR                   our UNETR from scratch (the baseline)
+nnUNetTrainerHiEndMAE                the same network, encoder loaded from the checkpoint the plans name
+nnUNetTrainerUNETRPretrainedWeights  the same network started from a full-network file given to stock
+                                     `nnUNetv2_train -pretrained_weights` (`himae-nnunet export-pretrained`)
 
-Both: AdamW (no decay on biases, norms, cls token, position table), linear warmup then cosine (or poly) decay,
+All: AdamW (no decay on biases, norms, cls token, position table), linear warmup then cosine (or poly) decay,
 optional layer-wise LR decay and frozen-encoder warmup (encoder LR 0, so DDP sees no unused parameters),
-gradient-norm clipping, no deep supervision. Options come from the plans' `himae.finetune` block, so the
-constructor keeps nnU-Net's exact signature. Inference rebuilds the network with the static builder alone.
+gradient-norm clipping of the gradients that are applied, no deep supervision. Options come from the plans'
+`himae.finetune` block, so the constructor keeps nnU-Net's exact signature. Inference rebuilds the network
+with the static builder alone. Weights at the start of a fold come from exactly one source, and the trainer
+name says which: a fold resumed by `--c` / `--val` holds every weight in its own checkpoint, so the pretraining
+file is read (and must be unchanged) only when a fold starts from scratch.
 """
 import re
 import warnings
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from torch import autocast
 from torch._dynamo import OptimizedModule
@@ -20,26 +27,22 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
+from nnunetv2.utilities.file_path_utilities import get_output_folder  # noqa: E402
 from nnunetv2.utilities.helpers import dummy_context  # noqa: E402
 
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.optim import adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
-from himae_nnunet.vit_plans.planning import FINETUNE_DEFAULTS, UNETR_CLASS, check_against_pretraining, is_vit_plans
+from himae_nnunet.vit_plans.checks import check_plans_checkpoint, check_plans_format, require_vit_plans
+from himae_nnunet.vit_plans.planning import UNETR_CLASS
+from himae_nnunet.vit_plans.weights import build_network_from_plans, load_pretrained_into
+
+TRAINER_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def unwrap(network):
     mod = network.module if isinstance(network, DDP) else network
     return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
-
-
-def require_vit_plans(plans: dict, configuration: str, trainer: str) -> None:
-    if not is_vit_plans(plans, configuration):
-        arch = plans.get("configurations", {}).get(configuration, {}).get("architecture", {})
-        raise UserError(
-            f"{trainer} needs ViT plans written by `himae-nnunet plan`, but plans {plans.get('plans_name')!r} "
-            f"configuration {configuration!r} build {arch.get('network_class_name', 'no network')}. Run "
-            f"`himae-nnunet plan DATASET --checkpoint CKPT` and train with `-p HiEndMAEPlans 3d_fullres`")
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -88,18 +91,48 @@ class WarmupDecayLR(_LRScheduler):
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
+def check_batch_for_gpus(batch_size: int, world_size: int, plans_name: str) -> None:
+    """DDP splits the plans' batch over the GPUs: each must get the same number of patches."""
+    if world_size > 1 and batch_size % world_size:
+        raise UserError(f"-num_gpus {world_size}: plans {plans_name!r} have batch size {batch_size}, which "
+                        f"{world_size} GPUs cannot share evenly; re-run `himae-nnunet plan ... --batch-size "
+                        f"{world_size * max(1, batch_size // world_size)} --overwrite` (a multiple of {world_size}: "
+                        f"the batch is split over the GPUs; no new preprocessing needed)")
+
+
+def applied_parameters(optimizer) -> list:
+    """Parameters of the groups with a learning rate above 0 (frozen-encoder epochs leave the encoder out)."""
+    return [p for g in optimizer.param_groups if g["lr"] > 0 for p in g["params"] if p.grad is not None]
+
+
+def head_first(groups: list[dict]) -> list[dict]:
+    """Decoder (head) groups first: nnU-Net logs and plots param_groups[0]['lr'] as the learning rate."""
+    return sorted(groups, key=lambda g: (g.get("is_encoder", False), -g.get("lr_scale", 1.0)))
+
+
+def first_encoder_weight(network) -> torch.Tensor:
+    return unwrap(network).encoder.patch_embed.proj.weight.detach().clone()
+
+
 class nnUNetTrainerUNETR(nnUNetTrainer):
     """UNETR from scratch on ViT plans (the baseline)."""
     EPOCHS: int | None = None  # variants set these
     ITERATIONS: int | None = None
     VAL_ITERATIONS: int | None = None
+    WEIGHTS_FROM_FILE = False  # True: started by stock -pretrained_weights (and only then)
+    STARTS_FROM = "random initialization"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        require_vit_plans(plans, configuration, type(self).__name__)  # before nnU-Net creates any folder
+        opts = require_vit_plans(plans, configuration, type(self).__name__)  # before nnU-Net creates any folder
+        if dist.is_available() and dist.is_initialized():
+            check_batch_for_gpus(plans["configurations"][configuration]["batch_size"], dist.get_world_size(),
+                                 plans["plans_name"])
+        self.before_output_folder(plans, configuration, fold)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        opts = {**FINETUNE_DEFAULTS, **self.plans_manager.plans["himae"].get("finetune", {})}
         self.finetune = opts
+        self.resumed = False  # set by load_checkpoint (--c, --val, --val_best)
+        self.start_weight = None  # encoder patch-embedding weight after initialize, to see -pretrained_weights
         self.initial_lr = float(opts["initial_lr"])
         self.weight_decay = float(opts["weight_decay"])
         self.enable_deep_supervision = False
@@ -109,16 +142,54 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         self.num_val_iterations_per_epoch = int(self.VAL_ITERATIONS or opts["val_iterations_per_epoch"]
                                                 or self.num_val_iterations_per_epoch)
 
+    def before_output_folder(self, plans: dict, configuration: str, fold) -> None:
+        """Checks to make before nnU-Net creates the fold's folder (subclasses)."""
+
+    def fold_has_checkpoint(self, plans: dict, configuration: str, fold) -> bool:
+        folder = get_output_folder(plans["dataset_name"], type(self).__name__, plans["plans_name"], configuration,
+                                   fold)
+        return any((Path(folder) / name).is_file() for name in TRAINER_CHECKPOINTS)
+
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
-        from himae_nnunet.models.unetr import UNETR
         if configuration_manager.network_arch_class_name != UNETR_CLASS:
             raise UserError(f"plans {plans_manager.plans_name!r} build {configuration_manager.network_arch_class_name}, "
                             f"not our UNETR; use plans written by `himae-nnunet plan`")
-        kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        kwargs["patch_size_voxels"] = tuple(configuration_manager.patch_size)  # the sliding-window tile
-        return UNETR(num_input_channels, num_output_channels, deep_supervision=False, **kwargs)
+        check_plans_format(plans_manager.plans, "building the network")  # also at prediction
+        return build_network_from_plans(configuration_manager.configuration, num_input_channels,
+                                        num_output_channels)
+
+    def initialize(self):
+        super().initialize()
+        if not self.resumed:
+            self.load_start_weights()
+        self.start_weight = first_encoder_weight(self.network)
+
+    def load_start_weights(self) -> None:
+        """Weights for a fold that starts from scratch (subclasses); random here."""
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        self.resumed = True  # the fold's own checkpoint holds every weight: no pretraining file is read
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def on_train_start(self):
+        if self.was_initialized and not self.resumed:
+            self.check_weight_source()
+        super().on_train_start()
+
+    def check_weight_source(self) -> None:
+        """Stock -pretrained_weights loads a file between initialize and training; refuse it unless this trainer
+        is named for it, so its results never land in (and overwrite) another trainer's folder."""
+        from_file = not torch.equal(first_encoder_weight(self.network), self.start_weight)
+        if from_file and not self.WEIGHTS_FROM_FILE:
+            raise UserError(f"-pretrained_weights replaced the weights {type(self).__name__} starts from "
+                            f"({self.STARTS_FROM}), and its results folder is that run's. Train with -tr "
+                            f"{pretrained_weights_trainer(type(self).__name__)} instead (a results folder of its own)")
+        if not from_file and self.WEIGHTS_FROM_FILE:
+            raise UserError(f"{type(self).__name__} starts from a full-network file: give -pretrained_weights FILE "
+                            f"(written by `himae-nnunet export-pretrained`); from scratch, use -tr "
+                            f"{type(self).__name__.replace('PretrainedWeights', '')}")
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -131,19 +202,20 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
 
     def configure_optimizers(self):
         o = self.finetune
-        groups = param_groups(unwrap(self.network), self.weight_decay, float(o["layer_decay"]))
+        groups = head_first(param_groups(unwrap(self.network), self.weight_decay, float(o["layer_decay"])))
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(o["betas"]),
                                       fused=self.device.type == "cuda")
         warmup = min(int(o["warmup_epochs"]), self.num_epochs // 10)
         self.print_to_log_file(f"AdamW lr {self.initial_lr}, weight decay {self.weight_decay}, warmup {warmup} "
                                f"epochs then {o['schedule']}, layer decay {o['layer_decay']}, encoder frozen for "
-                               f"{o['freeze_encoder_epochs']} epochs, grad clip {o['grad_clip']}")
+                               f"{o['freeze_encoder_epochs']} epochs, grad clip {o['grad_clip']} (logged LR: the "
+                               f"decoder's)")
         scheduler = WarmupDecayLR(optimizer, self.initial_lr, self.num_epochs, warmup, o["schedule"],
                                   int(o["freeze_encoder_epochs"]))
         return optimizer, scheduler
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step with our clip norm (theirs is fixed at 12)."""
+        """nnU-Net's step with our clip norm (theirs is fixed at 12), over the gradients that are applied."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,58 +225,48 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(applied_parameters(self.optimizer), clip)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(applied_parameters(self.optimizer), clip)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
 
 
+def pretrained_weights_trainer(name: str) -> str:
+    """The -pretrained_weights trainer of the same schedule: nnUNetTrainerUNETR_smoke ->
+    nnUNetTrainerUNETRPretrainedWeights_smoke."""
+    variant = name.partition("_")[2]
+    return "nnUNetTrainerUNETRPretrainedWeights" + (f"_{variant}" if variant else "")
+
+
 class nnUNetTrainerHiEndMAE(nnUNetTrainerUNETR):
     """UNETR whose encoder starts from the pretrained checkpoint named in the plans (`himae.checkpoint`)."""
+    STARTS_FROM = "the pretrained encoder the plans name"
+    check_checkpoint = staticmethod(check_plans_checkpoint)  # what a fold that starts from scratch checks
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        require_vit_plans(plans, configuration, type(self).__name__)
-        self._pretrained = self.check_checkpoint(plans, configuration)  # refuse before any folder is made
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def before_output_folder(self, plans: dict, configuration: str, fold) -> None:
+        """A fold that starts from scratch: refuse a missing or changed checkpoint before any folder is made.
+        A fold with a checkpoint of its own (--c, --val) needs no pretraining file."""
+        self.pretrained = None
+        if not self.fold_has_checkpoint(plans, configuration, fold):
+            self.pretrained = check_plans_checkpoint(plans, configuration)
 
-    @staticmethod
-    def check_checkpoint(plans: dict, configuration: str):
-        """Read the plans' checkpoint; refuse a missing or changed file; compare spacing and window."""
-        from himae_nnunet.checkpoint.format import CheckpointError, sha256
-        from himae_nnunet.vit_plans.weights import check_same_encoder, read_pretrained
-        h = plans["himae"]
-        path = h["checkpoint"]
-        try:
-            digest = sha256(path)
-        except FileNotFoundError:
-            raise CheckpointError(f"the pretrained checkpoint {path} named in the plans does not exist; restore "
-                                  f"it, or re-run `himae-nnunet plan` with the checkpoint you want") from None
-        if digest != h["checkpoint_sha256"]:
-            raise CheckpointError(f"{path} changed since the plans were made (sha256 {digest[:16]}... vs the "
-                                  f"plans' {h['checkpoint_sha256'][:16]}...); re-run `himae-nnunet plan ... "
-                                  f"--overwrite` for the new file and preprocess again")
-        state_dict, meta = read_pretrained(path)
-        cfg = plans["configurations"][configuration]
-        check_same_encoder(meta["model"], cfg["architecture"]["arch_kwargs"], path)
-        sp = [meta["spacing"][i] for i in plans["transpose_forward"]]
-        check_against_pretraining("spacing", cfg["spacing"], sp, h.get("strict", False))
-        for c in h.get("ct_channels", []):
-            props = plans["foreground_intensity_properties_per_channel"][str(c)]
-            check_against_pretraining("intensity window", [props["percentile_00_5"], props["percentile_99_5"]],
-                                      meta["intensity_window"], h.get("strict", False))
-        return state_dict, meta
-
-    def initialize(self):
-        super().initialize()
-        from himae_nnunet.vit_plans.weights import load_pretrained_into
-        h = self.plans_manager.plans["himae"]
-        report = load_pretrained_into(unwrap(self.network), h["checkpoint"], None, self.print_to_log_file,
-                                      self._pretrained)
-        self._pretrained = None  # free the file's tensors
+    def load_start_weights(self) -> None:
+        plans = self.plans_manager.plans
+        if self.pretrained is None:  # the fold had a checkpoint but starts again from scratch
+            self.pretrained = check_plans_checkpoint(plans, self.configuration_name)
+        path = plans["himae"]["checkpoint"]
+        report = load_pretrained_into(unwrap(self.network), path, self.print_to_log_file, self.pretrained)
+        self.pretrained = None  # free the file's tensors
         if self.local_rank == 0:  # every key, for audits
-            save_json({"checkpoint": h["checkpoint"], **report}, join(self.output_folder, "pretrained_weights.json"))
+            save_json({"checkpoint": path, **report}, join(self.output_folder, "pretrained_weights.json"))
+
+
+class nnUNetTrainerUNETRPretrainedWeights(nnUNetTrainerUNETR):
+    """UNETR started from stock `-pretrained_weights FILE` (`himae-nnunet export-pretrained`): a results folder
+    of its own, apart from the from-scratch baseline's."""
+    WEIGHTS_FROM_FILE = True
+    STARTS_FROM = "a full-network file"

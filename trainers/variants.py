@@ -9,7 +9,8 @@ The smoke variants: two epochs of ten iterations, two validation iterations, no 
 tests only)."""
 import torch
 
-from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR
+from himae_nnunet.trainers.finetune import (nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR,
+                                            nnUNetTrainerUNETRPretrainedWeights)
 
 
 class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):
@@ -52,6 +53,26 @@ class nnUNetTrainerUNETR_5000epochs(nnUNetTrainerUNETR):
     EPOCHS = 5000
 
 
+class nnUNetTrainerUNETRPretrainedWeights_100epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 100
+
+
+class nnUNetTrainerUNETRPretrainedWeights_250epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 250
+
+
+class nnUNetTrainerUNETRPretrainedWeights_500epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 500
+
+
+class nnUNetTrainerUNETRPretrainedWeights_2000epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 2000
+
+
+class nnUNetTrainerUNETRPretrainedWeights_5000epochs(nnUNetTrainerUNETRPretrainedWeights):
+    EPOCHS = 5000
+
+
 class SmokeMixin:
     EPOCHS, ITERATIONS, VAL_ITERATIONS = 2, 10, 2
 
@@ -66,4 +87,8 @@ class nnUNetTrainerHiEndMAE_smoke(SmokeMixin, nnUNetTrainerHiEndMAE):
 
 
 class nnUNetTrainerUNETR_smoke(SmokeMixin, nnUNetTrainerUNETR):
+    pass
+
+
+class nnUNetTrainerUNETRPretrainedWeights_smoke(SmokeMixin, nnUNetTrainerUNETRPretrainedWeights):
     pass

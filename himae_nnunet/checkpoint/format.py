@@ -38,24 +38,62 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+FOREIGN_MAGIC = ((b"\x1f\x8b", "a gzip-compressed file (a .nii.gz image?)"),
+                 (b"\x5c\x01\x00\x00", "a NIfTI-1 image"), (b"\x00\x00\x01\x5c", "a NIfTI-1 image"),
+                 (b"\x1c\x02\x00\x00", "a NIfTI-2 image"), (b"\x89HDF", "an HDF5 file"),
+                 (b"\x93NUMPY", "a NumPy .npy array"), (b"<", "a text/XML file"), (b"{", "a JSON/text file"))
+
+
+def torch_file_kind(path: Path) -> str | None:
+    """'zip' or 'pickle' for the two layouts torch.save writes; None when the first bytes are neither."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == TORCH_ZIP_MAGIC[:2]:
+        return "zip"
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5 (legacy torch.save)
+        return "pickle"
+    return None
+
+
+def describe_foreign(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if not head:
+        return "the file is empty"
+    if head[128:132] == b"DICM":
+        return "it looks like a DICOM file"
+    what = next((name for magic, name in FOREIGN_MAGIC if head.startswith(magic)), None)
+    return f"it looks like {what}" if what else f"its first bytes ({head[:8].hex(' ')}) are not a torch file's"
+
+
+def damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {path} as a torch checkpoint ({why}); the file is damaged or not a "
+                           f"checkpoint: copy it again or use another one")
+
+
 def safe_torch_load(path: str | os.PathLike):
-    """torch.load with weights_only=True and one clear message for each way it can fail."""
+    """torch.load with weights_only=True and one clear message for each way it can fail: missing, not a torch
+    file at all (random bytes, an image renamed .pt), damaged, or carrying pickled code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    kind = torch_file_kind(path)
+    if kind is None:
+        raise damaged(path, f"not a torch file: {describe_foreign(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # name what the file asks for; not torch's own advice to retry with weights_only=False (that runs it)
         m = re.search(r"GLOBAL ([\w.]*\w)", str(e))
+        if m is None and kind != "zip":  # a pickle header followed by garbage: damaged, not hostile
+            raise damaged(path, "UnpicklingError: the data after the header is not a pickle") from None
+        # name what the file asks for; not torch's own advice to retry with weights_only=False (that runs it)
         raise CheckpointError(
             f"refused to load {path}: it contains pickled Python objects other than tensors and plain data, "
             f"which could run code ({'it asks for ' + m.group(1) if m else 'not plain data'}); nothing in it was "
             f"run. Only load files from sources you trust; re-save the weights as a plain state dict.") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the file is damaged or "
-                              f"not a checkpoint: copy it again or use another one") from None
+    except Exception as e:  # truncated zip, cut-off pickle, ...
+        raise damaged(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}") from None
 
 
 def package_version() -> str:
@@ -155,18 +193,26 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     return removed
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dict, after checking it is ours; authors' files get a hint to import them first."""
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        hint = ""
-        if isinstance(ckpt, dict) and any("encoder.blocks" in k for k in (ckpt.get("state_dict") or ckpt)):
-            hint = f" It looks like the authors' format: run `himae-nnunet import-official {path} OUT.pt` first."
-        raise CheckpointError(f"{path} is not a himae-nnunet checkpoint.{hint}")
+def is_ours(ckpt) -> bool:
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+
+
+def require_readable_version(ckpt: dict, path) -> dict:
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer himae-nnunet (format {ckpt['format_version']}); "
                               f"upgrade the package")
     return ckpt
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict, after checking it is ours; authors' files get a hint to import them first."""
+    ckpt = safe_torch_load(path)
+    if not is_ours(ckpt):
+        hint = ""
+        if isinstance(ckpt, dict) and any("encoder.blocks" in k for k in (ckpt.get("state_dict") or ckpt)):
+            hint = f" It looks like the authors' format: run `himae-nnunet import-official {path} OUT.pt` first."
+        raise CheckpointError(f"{path} is not a himae-nnunet checkpoint.{hint}")
+    return require_readable_version(ckpt, path)
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> HiEndMAE:

@@ -74,17 +74,35 @@ def convert_official_state_dict(sd: dict, config: dict) -> tuple[dict, list[str]
     return out, notes
 
 
+def official_state_dict(raw, src) -> dict | None:
+    """The authors' state dict inside a loaded file (bare, under 'state_dict' or 'model'; 'module.' kept), or
+    None when the file is not in their layout."""
+    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
+    if not isinstance(sd, dict) or not any(k.removeprefix("module.") == "encoder_pos_embed" for k in sd):
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict') of tensors")
+    return sd
+
+
+def official_weights(raw, src, config: dict | None = None, num_heads=None, decoder_heads=None,
+                     mask_ratio: float = 0.75) -> tuple[dict, dict, list[str]]:
+    """(our state dict, model config, notes) of a loaded authors' file; config inferred from shapes if None."""
+    sd = official_state_dict(raw, src)
+    if sd is None:
+        raise CheckpointError(f"{src} is not an authors' Hi-End-MAE checkpoint (no 'encoder_pos_embed' key)")
+    if config is None:
+        stripped = {k.removeprefix("module."): v for k, v in sd.items()}
+        config = infer_official_config(stripped, num_heads, decoder_heads, mask_ratio)
+    ours, notes = convert_official_state_dict(sd, config)
+    return ours, config, notes
+
+
 def import_official(src, out, config: dict | None = None, num_heads=None, decoder_heads=None,
                     mask_ratio: float = 0.75, overwrite: bool = False) -> tuple[dict, list[str]]:
     """Convert an authors' checkpoint file into ours. Returns (meta, notes). Refuses partial fits."""
     raw = safe_torch_load(src)
-    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{src}: expected a state dict (or a dict with 'state_dict') of tensors")
-    stripped = {k.removeprefix("module."): v for k, v in sd.items()}
-    if config is None:
-        config = infer_official_config(stripped, num_heads, decoder_heads, mask_ratio)
-    ours, notes = convert_official_state_dict(sd, config)
+    ours, config, notes = official_weights(raw, src, config, num_heads, decoder_heads, mask_ratio)
     model = HiEndMAE(config)
     load_strict(model, ours, src)
     out = Path(out)

@@ -23,10 +23,23 @@ keep building "ours", so trained models reload.
 import torch
 from torch import nn
 
+from himae_nnunet.core.errors import UserError
 from himae_nnunet.models.presets import ConfigError, model_config
 from himae_nnunet.models.vit import ViTEncoder3D
 
 DECODERS = ("ours", "authors")
+
+
+OUR_TRAINERS = ("nnUNetTrainerHiEndMAE (pretrained encoder), nnUNetTrainerUNETR (from scratch) or "
+                "nnUNetTrainerUNETRPretrainedWeights (with -pretrained_weights)")
+
+
+def refuse_stock_trainer(what: str):
+    """nnU-Net's CNN trainers would train (or fail on) a UNETR with their deep supervision and SGD settings."""
+    raise UserError(f"{what}: our UNETR has no deep supervision and trains only with our trainers: -tr "
+                    f"{OUR_TRAINERS}, found through `export nnUNet_extTrainer=$(himae-nnunet ext-trainer-path)`. "
+                    f"nnU-Net's own trainers (nnUNetTrainer, nnUNetTrainerNoDeepSupervision, ...) need the "
+                    f"dataset's own plans (-p nnUNetPlans)")
 
 
 def upsampling_factors(p: int) -> tuple[int, int, int, int]:
@@ -133,7 +146,14 @@ class UNETRDecoder(nn.Module):
         last = TransposedUp(2 * fs, fs, f4) if topology == "ours" else ResizeConvUp(2 * fs, fs)
         self.up1 = UpBlock(last, fs, affine)
         self.seg_layers = nn.Conv3d(fs, num_classes, 1)  # name kept: nnU-Net skips '.seg_layers.' keys
-        self.deep_supervision = False  # UNETR has none; nnU-Net may set this attribute
+
+    @property
+    def deep_supervision(self) -> bool:
+        return False  # UNETR has none
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool):
+        refuse_stock_trainer("a stock nnU-Net trainer set decoder.deep_supervision")  # ours never do
 
     def forward(self, x: torch.Tensor, final: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
         """x [B, C, H, W, D] input; final [B, dim, *grid] last normed tokens; taps 3 x [B, dim, *grid],
@@ -156,6 +176,8 @@ class UNETR(nn.Module):
                  preset: str | None = "vit_tiny", patch_size_voxels=(96, 96, 96), feature_size: int = 32,
                  keep_cls_token: bool = True, pos_embed: str = "sincos", decoder: str = "ours",
                  norm_eps: float = 1e-6, **model_kwargs):
+        if deep_supervision:  # nnU-Net's CNN trainers ask for it
+            refuse_stock_trainer("UNETR(deep_supervision=True)")
         super().__init__()
         model_kwargs.pop("crop_size", None)
         cfg = model_config(preset, in_chans=input_channels, crop_size=tuple(patch_size_voxels),

@@ -1,4 +1,5 @@
-"""Fine-tuning commands: `plan`, `split`, `ext-trainer-path`, `export-pretrained`, `train`, `predict`."""
+"""Fine-tuning commands: `plan`, `split`, `ext-trainer-path`, `export-pretrained`, `train`, `predict`,
+`compare`."""
 import argparse
 import json
 import os
@@ -9,6 +10,7 @@ from himae_nnunet.core.errors import UserError
 from himae_nnunet.vit_plans.planning import CONFIGURATION, DEFAULT_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
 
 DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
+PRETRAINED_WEIGHTS_TRAINER = "nnUNetTrainerUNETRPretrainedWeights"
 
 
 def ext_trainer_path() -> str:
@@ -29,6 +31,8 @@ def ext_trainer_hint() -> str | None:
 
 
 def with_ext_trainer_env() -> None:
+    """Put our trainer folder first in nnUNet_extTrainer (this process and its children): the one line the
+    nnUNetPredictor Python API needs (nnU-Net reads the variable when it looks a trainer up)."""
     ours = ext_trainer_path()
     current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if ours not in current:
@@ -53,7 +57,8 @@ def register(sub) -> None:
                    help="patch size in the plans' axis order, multiples of the ViT patch (default: the "
                         "pretraining crop, grown along axes the data fill, within --max-tokens)")
     p.add_argument("--max-tokens", type=int, help="token budget of the default patch (default 2x the crop's)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="patches per step, split over the GPUs of `nnUNetv2_train -num_gpus N` (a multiple of N)")
     p.add_argument("--feature-size", type=int, default=32, help="UNETR decoder width (default 32)")
     p.add_argument("--unetr", choices=sorted(UNETR_DEFAULTS), default=DEFAULT_UNETR,
                    help="decoder: 'authors' = the authors' UNETR (x2 upsamplings, trilinear resize + 3x3 conv, no "
@@ -86,7 +91,8 @@ def register(sub) -> None:
                    help="validate and predict in one pass, without nnU-Net's 8x mirroring (CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
     p.add_argument("--preprocess", action="store_true", help="run nnU-Net preprocessing for the new plans")
-    p.add_argument("-np", type=int, default=2, help="processes for fingerprinting/preprocessing (default 2)")
+    p.add_argument("-np", type=int, help="processes for fingerprinting/preprocessing (default: nnU-Net's, "
+                                         "nnUNet_def_n_proc or 8)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("split", help="add few-shot folds (one-shot, N %%, explicit cases) to splits_final.json")
@@ -112,6 +118,18 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="file to write (.pth)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="nnU-Net's find_best_configuration over explicit trainer/plans pairs "
+                                       "(ours and nnU-Net's CNN baseline)")
+    p.add_argument("dataset")
+    p.add_argument("--model", action="append", metavar="TRAINER:PLANS[:CONFIGURATION]",
+                   help=f"a trained model to compare (repeat; default nnUNetTrainer:nnUNetPlans and "
+                        f"{DEFAULT_TRAINER}:{DEFAULT_PLANS_NAME}, configuration {CONFIGURATION})")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--ensembles", action="store_true",
+                   help="also evaluate pairwise ensembles (needs every fold trained with --npz)")
+    p.add_argument("-np", type=int, help="processes (default: nnU-Net's)")
+    p.set_defaults(func=cmd_compare)
 
     for name, target in (("train", "nnUNetv2_train"), ("predict", "nnUNetv2_predict")):
         p = sub.add_parser(name, help=f"{target} with nnUNet_extTrainer set (defaults -tr {DEFAULT_TRAINER} "
@@ -149,9 +167,17 @@ def cmd_plan(args) -> None:
         print(f"  nnUNetv2_preprocess -d {ds[7:10]} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
     trainer = f"{DEFAULT_TRAINER}_paper" if args.paper_epochs else DEFAULT_TRAINER  # --paper-epochs: their protocol
     print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {trainer} -p {plans['plans_name']}")
+    print(gpu_note(cfg["batch_size"]))
     hint = ext_trainer_hint()
     if hint:
         print("NOTE: " + hint)
+
+
+def gpu_note(batch_size: int) -> str:
+    fits = [n for n in range(1, batch_size + 1) if batch_size % n == 0]
+    return (f"multi-GPU: `nnUNetv2_train ... -num_gpus N` splits the batch of {batch_size} over N GPUs, so N must "
+            f"divide it (here N = {', '.join(map(str, fits))}); for N GPUs with k patches each, plan with "
+            f"--batch-size N*k (e.g. 4 GPUs x 2 = --batch-size 8)")
 
 
 def cmd_split(args) -> None:
@@ -175,25 +201,67 @@ def cmd_ext_trainer_path(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from himae_nnunet.vit_plans.checks import check_plans_checkpoint, require_vit_plans
     from himae_nnunet.vit_plans.weights import export_full_network
     plans_file = Path(args.plans)
     if not plans_file.is_file():
         raise UserError(f"--plans {plans_file} does not exist; give the JSON written by `himae-nnunet plan`")
     plans = json.loads(plans_file.read_text())
-    from himae_nnunet.vit_plans.planning import is_vit_plans
-    if not is_vit_plans(plans, args.configuration):
-        raise UserError(f"{plans_file} are not ViT plans written by `himae-nnunet plan`")
+    require_vit_plans(plans, args.configuration, f"export-pretrained --plans {plans_file}")
     dataset_json = plans_file.parent / "dataset.json"
     if not dataset_json.is_file():
         raise UserError(f"{dataset_json} is missing (nnU-Net writes it when planning); run nnU-Net planning first")
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite or choose another -o")
+    pretrained = check_plans_checkpoint(plans, args.configuration, args.checkpoint)  # the trainer's checks
     ckpt = args.checkpoint or plans["himae"]["checkpoint"]
-    export_full_network(plans, json.loads(dataset_json.read_text()), ckpt, out, args.configuration)
-    print(f"wrote {out}; use it with the from-scratch trainer and stock nnU-Net:\n  nnUNetv2_train "
-          f"{plans['dataset_name'][7:10]} {args.configuration} FOLD -tr nnUNetTrainerUNETR -p {plans['plans_name']} "
-          f"-pretrained_weights {out}")
+    export_full_network(plans, json.loads(dataset_json.read_text()), ckpt, out, pretrained, args.configuration)
+    print(f"wrote {out}; use it with stock nnU-Net and the trainer named for it (a results folder of its own):\n"
+          f"  nnUNetv2_train {plans['dataset_name'][7:10]} {args.configuration} FOLD -tr "
+          f"{PRETRAINED_WEIGHTS_TRAINER} -p {plans['plans_name']} -pretrained_weights {out}")
+
+
+def parse_model(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UserError(f"--model {text!r}: give TRAINER:PLANS or TRAINER:PLANS:CONFIGURATION")
+    return dict(trainer=parts[0], plans=parts[1], configuration=parts[2] if len(parts) == 3 else CONFIGURATION)
+
+
+def check_trained(name: str, model: dict, folds, ensembles: bool) -> None:
+    """Every fold validated (and with probabilities for ensembles), before nnU-Net's selection starts."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    for fold in folds:
+        folder = Path(get_output_folder(name, model["trainer"], model["plans"], model["configuration"], fold))
+        train = (f"nnUNetv2_train {name[7:10]} {model['configuration']} {fold} -tr {model['trainer']} -p "
+                 f"{model['plans']}" + (" --npz" if ensembles else ""))
+        if not (folder / "validation" / "summary.json").is_file():
+            raise UserError(f"{folder} has no validation results; train that fold first: {train}")
+        if ensembles and not any((folder / "validation").glob("*.npz")):
+            raise UserError(f"--ensembles needs the validation probabilities of {folder}; run `{train} --val` "
+                            f"(or train with --npz)")
+
+
+def cmd_compare(args) -> None:
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.evaluation.find_best_configuration import find_best_configuration
+    from himae_nnunet.core.nnunet_env import dataset_name
+    name = dataset_name(args.dataset)
+    models = [parse_model(m) for m in (args.model or ["nnUNetTrainer:nnUNetPlans",
+                                                      f"{DEFAULT_TRAINER}:{DEFAULT_PLANS_NAME}"])]
+    for model in models:
+        if "__" in model["plans"] or "__" in model["trainer"]:
+            raise UserError(f"--model {model['trainer']}:{model['plans']}: nnU-Net cannot tell names with '__' apart")
+        check_trained(name, model, args.folds, args.ensembles)
+    with_ext_trainer_env()
+    result = find_best_configuration(name, models, allow_ensembling=args.ensembles,
+                                     num_processes=args.np or default_num_processes, overwrite=True,
+                                     folds=tuple(args.folds))
+    best = result["best_model_or_ensemble"]
+    print(f"best: {' + '.join(m['trainer'] + '__' + m['plans_identifier'] for m in best['selected_model_or_models'])} "
+          f"(foreground Dice {best['result_on_crossval_pre_pp']:.4f} on folds {' '.join(map(str, args.folds))}); "
+          f"all: " + ", ".join(f"{k} {v:.4f}" for k, v in result["all_results"].items()))
 
 
 def passthrough(argv: list[str], defaults: dict) -> list[str]:

@@ -11,9 +11,11 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
+from himae_nnunet.checkpoint.format import package_version, sha256
 from himae_nnunet.core.ct_plans import ensure_base_plans, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.nnunet_env import dataset_name, require_folder
+from himae_nnunet.vit_plans.weights import read_pretrained
 
 DEFAULT_PLANS_NAME = "HiEndMAEPlans"
 BASE_PLANS_NAME = "nnUNetPlans"
@@ -23,6 +25,7 @@ UNETR_CLASS = "himae_nnunet.models.unetr.UNETR"
 UNETR_DEFAULTS = {"authors": dict(decoder="authors", keep_cls_token=False, norm_eps=1e-5),
                   "ours": dict(decoder="ours", keep_cls_token=True, norm_eps=1e-6)}
 DEFAULT_UNETR = "authors"
+PLANS_FORMAT_VERSION = 1  # of the `himae` block; trainers refuse newer plans
 ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "taps", "decoder_dim",
                   "decoder_heads")
 # read by the trainers (trainers/finetune.py); users may edit them in the plans file
@@ -41,6 +44,15 @@ FINETUNE_DEFAULTS = dict(
     tta_mirroring=True,  # nnU-Net's 8x mirroring at validation/inference (False: one pass, e.g. on CPU)
     paper_epochs=None,  # _paper trainers: paper epochs (1 iteration per training case); None: 1000
 )
+
+
+def finetune_options(given: dict, source: str) -> dict:
+    """FINETUNE_DEFAULTS updated with `given` (None values ignored); unknown keys are refused."""
+    unknown = set(given) - set(FINETUNE_DEFAULTS)
+    if unknown:
+        raise UserError(f"{source}: unknown fine-tuning options {sorted(unknown)}; known: "
+                        f"{', '.join(FINETUNE_DEFAULTS)}")
+    return {**FINETUNE_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
 
 
 def plans_path(dataset: str, plans_name: str) -> Path:
@@ -158,7 +170,8 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
              f"pretrained on CT scaled from the window {pre_window} and will see other intensities")
     set_ct_preprocessing(plans, CONFIGURATION, spacing, window, ct_channels)
     plans["himae"] = dict(
-        format_version=1,
+        format_version=PLANS_FORMAT_VERSION,
+        package_version=package_version(),
         configuration=CONFIGURATION,
         checkpoint=str(Path(ckpt_path).resolve()),
         checkpoint_sha256=sha,
@@ -167,30 +180,62 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         intensity_window=window,
         ct_channels=ct_channels,
         strict=bool(strict),
-        finetune={**FINETUNE_DEFAULTS, **{k: v for k, v in (finetune or {}).items() if v is not None}},
+        finetune=finetune_options(finetune or {}, "planning"),
     )
-    unknown = set(plans["himae"]["finetune"]) - set(FINETUNE_DEFAULTS)
-    if unknown:
-        raise UserError(f"unknown fine-tuning options {sorted(unknown)}; known: {', '.join(FINETUNE_DEFAULTS)}")
     return plans
 
 
-def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
-    """Write `plans` as <plans_name>.json; refuses to replace non-himae plans or reuse another's data folder."""
-    folder = require_folder("nnUNet_preprocessed") / dataset
-    name = plans["plans_name"]
-    out = folder / f"{name}.json"
-    ident = plans["configurations"][CONFIGURATION]["data_identifier"]
-    for other in folder.glob("*.json"):
-        if other == out:
-            continue
+PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "preprocessor_name",
+                      "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+                      "resampling_fn_seg_kwargs")
+
+
+def preprocessing_signature(plans: dict) -> str:
+    """What nnU-Net's preprocessing reads from plans: equal signatures give identical data folders."""
+    cfg = plans.get("configurations", {}).get(CONFIGURATION, {})
+    return json.dumps([plans.get("transpose_forward"), plans.get("foreground_intensity_properties_per_channel"),
+                       [cfg.get(k) for k in PREPROCESSING_KEYS]], sort_keys=True)
+
+
+def sibling_plans(folder: Path, out: Path):
+    """(file, plans) of the other plans files in a dataset's preprocessed folder."""
+    for other in sorted(folder.glob("*.json")):
         try:
-            cfgs = json.loads(other.read_text()).get("configurations", {})
-        except (json.JSONDecodeError, AttributeError):
+            plans = json.loads(other.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(cfgs, dict) and any(isinstance(c, dict) and c.get("data_identifier") == ident
-                                          for c in cfgs.values()):
-            raise UserError(f"{other.name} already uses the data folder {ident}; choose another --plans-name")
+        if other != out and isinstance(plans, dict) and isinstance(plans.get("configurations"), dict):
+            yield other, plans
+
+
+def choose_data_identifier(folder: Path, out: Path, plans: dict) -> str | None:
+    """Reuse the data folder of other himae plans with the same preprocessing (e.g. the MAE and the Hi-End-MAE
+    plans of one dataset); refuse another plans file's folder when its preprocessing differs. Returns the
+    plans file shared with, if any."""
+    cfg = plans["configurations"][CONFIGURATION]
+    mine = preprocessing_signature(plans)
+    for other, theirs in sibling_plans(folder, out):
+        ident = theirs["configurations"].get(CONFIGURATION, {}).get("data_identifier")
+        if "himae" in theirs and ident and preprocessing_signature(theirs) == mine:
+            cfg["data_identifier"] = ident
+            return other.name
+    for other, theirs in sibling_plans(folder, out):
+        if any(isinstance(c, dict) and c.get("data_identifier") == cfg["data_identifier"]
+               for c in theirs["configurations"].values()):
+            raise UserError(f"{other.name} already uses the data folder {cfg['data_identifier']} with other "
+                            f"preprocessing; choose another --plans-name")
+    return None
+
+
+def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
+    """Write `plans` as <plans_name>.json; refuses to replace non-himae plans or reuse another's data folder
+    unless its preprocessing is the same (then the folder is shared)."""
+    folder = require_folder("nnUNet_preprocessed") / dataset
+    out = folder / f"{plans['plans_name']}.json"
+    shared = choose_data_identifier(folder, out, plans)
+    if shared:
+        print(f"note: same spacing, window and resampling as {shared}: sharing its data folder "
+              f"{plans['configurations'][CONFIGURATION]['data_identifier']}")
     if out.is_file():
         old = json.loads(out.read_text())
         if "himae" not in old:
@@ -207,21 +252,39 @@ def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
     return out
 
 
-def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_plans: str = BASE_PLANS_NAME,
-         overwrite: bool = False, preprocess: bool = False, num_processes: int = 2, warn=print, **options) -> Path:
-    """The whole `himae-nnunet plan` command; returns the plans file written."""
-    from himae_nnunet.checkpoint.format import sha256
-    from himae_nnunet.vit_plans.weights import read_pretrained
-    name = dataset_name(dataset)
+def check_plans_name(plans_name: str, base_plans: str) -> None:
     if plans_name == base_plans or plans_name == BASE_PLANS_NAME:
         raise UserError(f"--plans-name {plans_name} would replace nnU-Net's own plans; choose another name")
+    if "__" in plans_name:
+        raise UserError(f"--plans-name {plans_name!r} contains '__', which nnU-Net uses to split results folder "
+                        f"names (TRAINER__PLANS__CONFIGURATION); use single '_' or '-'")
     if not plans_name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"--plans-name {plans_name!r}: use letters, digits, '_' and '-' only")
+
+
+def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_plans: str = BASE_PLANS_NAME,
+         overwrite: bool = False, preprocess: bool = False, num_processes: int | None = None, warn=print,
+         **options) -> Path:
+    """The whole `himae-nnunet plan` command; returns the plans file written. num_processes None: nnU-Net's
+    default (nnUNet_def_n_proc)."""
+    from nnunetv2.configuration import default_num_processes
+    num_processes = num_processes or default_num_processes
+    name = dataset_name(dataset)
+    check_plans_name(plans_name, base_plans)
     _, meta = read_pretrained(checkpoint)
     base = ensure_base_plans(plans_path(name, base_plans).parent, base_plans, num_processes, verify=True)
     plans = derive_vit_plans(base, checkpoint, meta, sha256(checkpoint), plans_name, warn=warn, **options)
     out = write_plans(name, plans, overwrite)
-    if preprocess:
+    if preprocess and shared_data_ready(out, plans):
+        print(f"note: {plans['configurations'][CONFIGURATION]['data_identifier']} already holds these settings' "
+              f"preprocessed data; not preprocessing it again")
+    elif preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nn_preprocess
         nn_preprocess([int(name[7:10])], plans_name, [CONFIGURATION], [num_processes])
     return out
+
+
+def shared_data_ready(plans_file: Path, plans: dict) -> bool:
+    """True when the plans use another plans file's data folder and it is already preprocessed."""
+    ident = plans["configurations"][CONFIGURATION]["data_identifier"]
+    return ident != f"{plans['plans_name']}_{CONFIGURATION}" and any((plans_file.parent / ident).glob("*.pkl"))

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from himae_nnunet.checkpoint.format import (FORMAT, FORMAT_VERSION, CheckpointError, atomic_torch_save, make_meta, read_checkpoint, safe_torch_load, sha256)
-from himae_nnunet.checkpoint.official import (convert_official_state_dict, infer_official_config, official_config_from_json)
+from himae_nnunet.checkpoint.format import (CheckpointError, atomic_torch_save, is_ours, make_meta,
+                                            require_readable_version, safe_torch_load, sha256)
+from himae_nnunet.checkpoint.official import official_config_from_json, official_state_dict, official_weights
+from himae_nnunet.models.unetr import UNETR
 from himae_nnunet.models.vit import resize_pos_embed, sincos_pos_embed_3d
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
@@ -23,20 +25,16 @@ SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 def read_pretrained(path) -> tuple[dict, dict]:
     """(state dict, meta) of our checkpoint, or of an authors' one converted on the fly."""
     raw = safe_torch_load(path)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        if raw.get("format_version", 0) > FORMAT_VERSION:
-            read_checkpoint(path)  # raises its "written by a newer himae-nnunet" message
+    if is_ours(raw):
+        require_readable_version(raw, path)
         return raw["state_dict"], raw["meta"]
-    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else None
-    if isinstance(sd, dict) and any(k.removeprefix("module.") == "encoder_pos_embed" for k in sd):
-        stripped = {k.removeprefix("module."): v for k, v in sd.items()}
-        beside = Path(path).with_name("config.json")  # the authors ship one; head counts are not in the shapes
-        config = (official_config_from_json(json.loads(beside.read_text())) if beside.is_file()
-                  else infer_official_config(stripped))
-        ours, _ = convert_official_state_dict(sd, config)
-        return ours, make_meta(config, source=f"authors' checkpoint {Path(path).name}")
-    raise CheckpointError(f"{path} is neither a himae-nnunet checkpoint nor an authors' Hi-End-MAE checkpoint "
-                          f"(no 'format' field, no 'encoder_pos_embed' key)")
+    if official_state_dict(raw, path) is None:
+        raise CheckpointError(f"{path} is neither a himae-nnunet checkpoint nor an authors' Hi-End-MAE checkpoint "
+                              f"(no 'format' field, no 'encoder_pos_embed' key)")
+    beside = Path(path).with_name("config.json")  # the authors ship one; head counts are not in the shapes
+    config = official_config_from_json(json.loads(beside.read_text())) if beside.is_file() else None
+    ours, config, _ = official_weights(raw, path, config)
+    return ours, make_meta(config, source=f"authors' checkpoint {Path(path).name}")
 
 
 def describe(cfg: dict) -> str:
@@ -121,16 +119,9 @@ def format_report(report: dict, source) -> list[str]:
     return lines
 
 
-def load_pretrained_into(network, path, expected_sha: str | None = None, log=print, pretrained=None) -> dict:
-    """Check the file (exists, unchanged since planning, same encoder), load it, log the report."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"the pretrained checkpoint {path} named in the plans does not exist; restore it, "
-                              f"or re-run `himae-nnunet plan` with the checkpoint you want")
-    if expected_sha and sha256(path) != expected_sha:
-        raise CheckpointError(f"{path} changed since the plans were made (sha256 differs from the plans' "
-                              f"{expected_sha[:16]}...); re-run `himae-nnunet plan ... --overwrite` for the new "
-                              f"file, then preprocess again if spacing or window changed")
+def load_pretrained_into(network, path, log=print, pretrained=None) -> dict:
+    """Load the encoder of `path` (or of `pretrained` = its (state dict, meta), already read and checked) into
+    `network`; log the report of every key."""
     state_dict, meta = pretrained if pretrained is not None else read_pretrained(path)
     check_same_encoder(meta["model"], network.config, path)
     report = load_encoder(network, state_dict, meta)
@@ -139,24 +130,32 @@ def load_pretrained_into(network, path, expected_sha: str | None = None, log=pri
     return report
 
 
-def build_network_from_plans(plans: dict, dataset_json: dict, configuration: str = "3d_fullres"):
-    """The UNETR nnU-Net builds for these plans (the trainers' static builder), in train mode."""
+def build_network_from_plans(cfg: dict, num_input_channels: int, num_output_channels: int) -> UNETR:
+    """The UNETR of a plans configuration's architecture block (the trainers' static builder), in train
+    mode; the sliding-window tile is the configuration's patch size."""
+    kwargs = dict(cfg["architecture"]["arch_kwargs"], patch_size_voxels=tuple(cfg["patch_size"]))
+    return UNETR(input_channels=num_input_channels, num_classes=num_output_channels, deep_supervision=False,
+                 **kwargs)
+
+
+def network_channels(plans: dict, dataset_json: dict, configuration: str) -> tuple[int, int]:
+    """(input channels, output channels) nnU-Net builds for these plans and dataset."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from himae_nnunet.trainers.finetune import nnUNetTrainerUNETR
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
-    return nnUNetTrainerUNETR.build_network_architecture(
-        pm, cm, determine_num_input_channels(pm, cm, dataset_json),
-        pm.get_label_manager(dataset_json).num_segmentation_heads, False)
+    return (determine_num_input_channels(pm, cm, dataset_json),
+            pm.get_label_manager(dataset_json).num_segmentation_heads)
 
 
-def export_full_network(plans: dict, dataset_json: dict, checkpoint, out, configuration: str = "3d_fullres",
-                        log=print) -> dict:
-    """A file stock `nnUNetv2_train -pretrained_weights` accepts: every network key, encoder pretrained."""
+def export_full_network(plans: dict, dataset_json: dict, checkpoint, out, pretrained,
+                        configuration: str = "3d_fullres", log=print) -> dict:
+    """A file stock `nnUNetv2_train -pretrained_weights` accepts: every network key, encoder pretrained.
+    `pretrained` = (state dict, meta) of `checkpoint`, already checked against the plans."""
     torch.manual_seed(0)
-    network = build_network_from_plans(plans, dataset_json, configuration)
-    report = load_pretrained_into(network, checkpoint, log=log)
+    network = build_network_from_plans(plans["configurations"][configuration],
+                                       *network_channels(plans, dataset_json, configuration))
+    report = load_pretrained_into(network, checkpoint, log=log, pretrained=pretrained)
     atomic_torch_save(out, {"network_weights": network.state_dict(),
                             "himae": {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint),
                                       "plans_name": plans["plans_name"], "configuration": configuration}},
