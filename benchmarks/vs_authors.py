@@ -7,13 +7,13 @@ Their code is never stored in this repository: fetch it yourself and give its fo
     python benchmarks/vs_authors.py --authors-code /tmp/Hi-End-MAE --configs vit_b16_768 --batch 2 --device cpu
 
 Settings: theirs as their trainer runs (fp16 autocast + GradScaler on CUDA; fp32 on CPU; AdamW with their
-decay groups, foreach); ours as our loop runs (bf16 autocast and fused AdamW on CUDA, SDPA attention; fp32 on
-CPU, one thread unless --threads). Both get the same random batch of 96^3 crops in [0, 1], both draw their own masks (mask ratio 0.75).
-Their code was written for timm 0.5.4; small import shims let it run on the timm installed here (its
-`Block` calls the dropout argument `drop`, which later timm names `proj_drop`; MONAI, imported but unused
-for pretraining, is stubbed where absent), so both models use this environment's timm blocks. Times are
-medians over `--steps` interleaved steps after `--warmup`: wall time on CUDA (synchronized), CPU time of this process on CPU (what the step costs, not counting the other jobs of a
-shared machine).
+decay groups, foreach); ours as our loop runs (bf16 autocast and fused AdamW on CUDA, SDPA attention; fp32
+on CPU). CPU runs use one thread unless --threads. Both get the same random batch of 96^3 crops in [0, 1]
+and draw their own masks (mask ratio 0.75). Their code was written for timm 0.5.4; small import shims let it
+run on the timm installed here (its `Block` calls the dropout argument `drop`, later timm's `proj_drop`;
+MONAI, imported but unused for pretraining, is stubbed where absent), so both models use this environment's
+timm blocks. Times are medians over `--steps` interleaved steps after `--warmup`: wall time on CUDA
+(synchronized), CPU time of this process on CPU (what the step costs, not the other jobs of a shared machine).
 """
 import argparse
 import json
