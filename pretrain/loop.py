@@ -6,9 +6,7 @@ output folder and its lock, the checkpoint to continue), build model/optimizer/s
 then the loop (train step, log, checkpoint, preview, stop) and the final checkpoint."""
 import json
 import os
-import signal
 import sys
-import threading
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +22,9 @@ from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.optim import adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.models.hiend_mae import HiEndMAE
-from himae_nnunet.models.presets import model_config
 from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
+from himae_nnunet.pretrain.options import PretrainOptions, build_config, check_options
+from himae_nnunet.pretrain.processes import StopFlag, setup_distributed
 from himae_nnunet.pretrain.run_lock import RunLock, RunLocked
 from himae_nnunet.pretrain.run_log import NonFiniteLoss, RunLog  # noqa: F401  (NonFiniteLoss: part of this API)
 from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, checkpoint_to_resume, check_writable,
@@ -36,121 +35,6 @@ from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, checkpoint_to_r
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
 
 PAPER_CROPS_PER_STEP, PAPER_LR = 192, 1e-4  # 24 volumes x 8 crops per step at lr 1e-4 (Tang et al.)
-
-
-@dataclass
-class PretrainOptions:
-    datasets: list
-    output: str
-    model: str = "vit_b12_1536"
-    method: str = "hiend"  # hiend | mae (= stages 0)
-    stages: int | None = None  # dense decoder stages B; default 3 for hiend
-    mask_ratio: float = 0.75
-    pos_embed: str = "sincos"  # sincos (fixed) | learnable (the authors' 'perceptron': normal, std 0.02)
-    steps: int = 1000  # total optimizer steps of the run
-    warmup: int | None = None  # default min(4000, steps // 10)
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    clip_grad: float | None = None
-    batch_volumes: int = 2  # volumes per process and micro-batch
-    crops_per_volume: int = 8
-    crop_size: int = 96
-    accumulate: int = 1
-    checkpoint_every: int = 500
-    preview_every: int | None = None  # default: checkpoint_every; 0 = never
-    log_every: int | None = None  # default 1 on CPU, 20 on CUDA (each log point reads the GPU once)
-    seed: int = 0
-    device: str | None = None  # default cuda when available
-    resume: bool = False
-    compile: bool = False
-    workers: int = 4
-    weights: list | None = None
-    plans_name: str | None = None
-    skip_bad_cases: bool = False
-    fixed_batch: bool = False  # the same batch every step (overfitting sanity check)
-    augment: bool = True
-    stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
-    tensorboard: bool = True
-
-
-def setup_distributed(device: str | None):
-    """(rank, world size, torch.device, whether we initialised the process group). torchrun sets the env."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: use cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu or fix the CUDA install")
-    dev = torch.device("cuda", local % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
-    if kind == "cuda":
-        torch.cuda.set_device(dev)
-    started = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", **elastic_store(rank, world))
-        started = True
-    return rank, world, dev, started
-
-
-def elastic_store(rank: int, world: int) -> dict:
-    """Under torchrun the workers share the agent's TCP store, and it outlives a restart: the process group of
-    a restarted attempt would read the dead attempt's addresses under the same keys (gloo: 'Connection
-    refused' at init). A prefix per attempt keeps them apart. {} outside torchrun (env:// as usual)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    from datetime import timedelta
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=10))
-    return dict(store=dist.PrefixStore(f"himae_attempt_{attempt}", store), rank=rank, world_size=world)
-
-
-def build_config(options: PretrainOptions) -> dict:
-    if options.method not in ("hiend", "mae"):
-        raise UserError(f"--method {options.method}: use hiend or mae")
-    stages = 0 if options.method == "mae" else (3 if options.stages is None else options.stages)
-    if options.method == "mae" and options.stages not in (None, 0):
-        raise UserError(f"--method mae has no dense stages; drop --stages {options.stages} or use --method hiend")
-    if options.method == "hiend" and stages == 0:
-        raise UserError("--stages 0 is the MAE baseline; say --method mae")
-    return model_config(options.model, stages=stages, mask_ratio=options.mask_ratio, crop_size=options.crop_size,
-                        pos_embed=options.pos_embed)
-
-
-def check_options(options: PretrainOptions) -> None:
-    for name in ("steps", "batch_volumes", "crops_per_volume", "accumulate", "checkpoint_every", "log_every"):
-        if getattr(options, name) is not None and getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be at least 1")
-    if options.warmup is not None and options.warmup < 0 or options.lr <= 0 or options.workers < 0:
-        raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
-    if options.stop_at is not None and options.stop_at < 1:
-        raise UserError(f"--stop-at {options.stop_at}: must be a step >= 1")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM (e.g. a cluster's pre-emption) -> finish the step, write the checkpoint, stop."""
-
-    def __init__(self):
-        self.set, self.previous_handlers = False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous_handlers[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.set = True
-        print(f"\nsignal {signum}: stopping after this step (checkpoint written); continue with --resume",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous_handlers.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- resolve the run

@@ -16,7 +16,7 @@ from himae_nnunet.checkpoint.format import read_checkpoint
 from himae_nnunet.core.errors import UserError
 
 if TYPE_CHECKING:
-    from himae_nnunet.pretrain.loop import PretrainOptions
+    from himae_nnunet.pretrain.options import PretrainOptions
 
 LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
 # options that define the sample and model sequence: a resumed run must keep them
