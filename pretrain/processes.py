@@ -1,5 +1,5 @@
 """The processes of a pretraining run: torchrun/DDP setup (with a store per elastic attempt) and the
-SIGINT/SIGTERM flag that stops every rank at the same step."""
+SIGINT/SIGTERM flag (the loop all-reduces it, so every rank stops at the same step)."""
 import os
 import signal
 import sys
