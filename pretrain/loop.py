@@ -199,13 +199,14 @@ class MicroBatches:
     """Each step's micro-batches from the loader; with --fixed-batch, step 0's again at every step."""
 
     def __init__(self, run: Run, start: int, stop: int):
-        o = run.options
-        dataset = CropDataset(run.sources, run.config["crop_size"], o.crops_per_volume, o.seed,
-                              run.config["patch_size"], augment=o.augment, skip_bad_cases=o.skip_bad_cases)
-        sampler = StepBatches(start, start + 1 if o.fixed_batch else stop, o.accumulate, o.batch_volumes, run.rank,
-                              o.fixed_batch)
-        self.loader = iter(make_loader(dataset, sampler, o.workers, pin_memory=run.device.type == "cuda"))
-        self.accumulate, self.fixed, self.kept = o.accumulate, o.fixed_batch, []
+        options = run.options
+        dataset = CropDataset(run.sources, run.config["crop_size"], options.crops_per_volume, options.seed,
+                              run.config["patch_size"], augment=options.augment,
+                              skip_bad_cases=options.skip_bad_cases)
+        sampler = StepBatches(start, start + 1 if options.fixed_batch else stop, options.accumulate,
+                              options.batch_volumes, run.rank, options.fixed_batch)
+        self.loader = iter(make_loader(dataset, sampler, options.workers, pin_memory=run.device.type == "cuda"))
+        self.accumulate, self.fixed, self.kept = options.accumulate, options.fixed_batch, []
 
     def for_step(self):
         """The step's `accumulate` batches, loaded one at a time as the step consumes them."""
@@ -224,9 +225,9 @@ class MicroBatches:
 def train_step(run: Run, training: Training, batches: MicroBatches, step: int):
     """One optimizer step (0-based `step`) over the micro-batches. Returns (mean loss, grad norm, the last
     micro-batch's (crops, permutations)); loss and norm stay on the device (no host sync inside a step)."""
-    o, t, device = run.options, training, run.device
-    t.net.train()
-    t.optimizer.zero_grad(set_to_none=True)
+    options, device = run.options, run.device
+    training.net.train()
+    training.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(batches.for_step()):
         if batch["error"]:
@@ -236,22 +237,22 @@ def train_step(run: Run, training: Training, batches: MicroBatches, step: int):
             run.say(f"\nskipped bad case {msg}")
         crops = batch["image"].to(device, non_blocking=True)  # B*crops, 1, H, W, D
         perm = batch["perm"].to(device, non_blocking=True)  # B*crops, N
-        sync = t.net.no_sync() if run.world > 1 and micro < o.accumulate - 1 else nullcontext()
+        sync = training.net.no_sync() if run.world > 1 and micro < options.accumulate - 1 else nullcontext()
         with sync:
-            with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
-                loss = t.forward(crops, shuffle_indices=perm).loss
-            t.scaler.scale(loss / o.accumulate).backward()
-        loss_sum += loss.detach().float() / o.accumulate
+            with torch.autocast(device.type, dtype=training.amp_dtype, enabled=training.amp_dtype is not None):
+                loss = training.forward(crops, shuffle_indices=perm).loss
+            training.scaler.scale(loss / options.accumulate).backward()
+        loss_sum += loss.detach().float() / options.accumulate
     if run.world > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= run.world
-    t.scaler.unscale_(t.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), o.clip_grad or float("inf"))
+    training.scaler.unscale_(training.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(training.model.parameters(), options.clip_grad or float("inf"))
     # a non-finite loss is caught at the next flush, which always comes before a checkpoint is written:
     # damaged weights are never saved
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.scheduler.step()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.scheduler.step()
     return loss_sum, grad_norm, (crops, perm)
 
 
@@ -269,9 +270,9 @@ def write_checkpoint(run: Run, training: Training, name: str, step: int, with_st
         return
     extra = None
     if with_state:
-        t = training
-        extra = {"training": {"next_step": step, "optimizer": t.optimizer.state_dict(),
-                              "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+        extra = {"training": {"next_step": step, "optimizer": training.optimizer.state_dict(),
+                              "scheduler": training.scheduler.state_dict(),
+                              "scaler": training.scaler.state_dict(),
                               "rng": rng_state(), "options": {k: jsonable(v) for k, v in asdict(run.options).items()},
                               "world_size": run.world, "global_volumes": run.global_volumes}}
     meta = make_meta(run.config, step=step, method=run.options.method, spacing=run.sources[0].spacing,
@@ -295,17 +296,17 @@ def write_preview(run: Run, model: HiEndMAE, inputs: tuple, step: int) -> None:
 def train(run: Run, training: Training, batches: MicroBatches, run_log: RunLog, signals: StopFlag,
           stop: int) -> int:
     """Steps training.start .. stop; returns the step it ended at (earlier after SIGINT/SIGTERM)."""
-    o = run.options
+    options = run.options
     for step in range(training.start, stop):
         lr = training.scheduler.get_last_lr()[0]
         loss, grad_norm, inputs = train_step(run, training, batches, step)
         done = step + 1
         faults.maybe_kill_at_step(done)  # tests only (HIMAE_FAULT_KILL_AT_STEP); a no-op otherwise
         run_log.add(done, lr, loss, grad_norm)
-        at_checkpoint = done % o.checkpoint_every == 0 or done == stop
-        at_preview = run.main and run.preview_every and (done % run.preview_every == 0 or done == o.steps)
+        at_checkpoint = done % options.checkpoint_every == 0 or done == stop
+        at_preview = run.main and run.preview_every and (done % run.preview_every == 0 or done == options.steps)
         stopping = False
-        if done % o.log_every == 0 or at_checkpoint or at_preview:
+        if done % options.log_every == 0 or at_checkpoint or at_preview:
             stopping = stop_requested(run, signals)
             run_log.flush(done)
         if at_checkpoint or stopping:
@@ -319,20 +320,20 @@ def train(run: Run, training: Training, batches: MicroBatches, run_log: RunLog, 
 
 def announce(run: Run, training: Training, stop: int) -> None:
     """What is trained on what, with which batch and precision; a warning when the batch is not the paper's."""
-    o, config = run.options, run.config
+    options, config = run.options, run.config
     n_params = sum(p.numel() for p in training.model.parameters())
     precision = f"autocast {str(training.amp_dtype).split('.')[-1]}" if training.amp_dtype else "fp32"
-    run.say(f"pretraining {o.method} (B={config['stages']}) {o.model}: {n_params / 1e6:.1f}M parameters, crop "
-            f"{list(config['crop_size'])}, mask ratio {o.mask_ratio}, {o.pos_embed} position embedding; data: "
-            f"{', '.join(run.data_description)}")
-    batch = (f"{run.world} process(es) x {o.batch_volumes} volumes x {o.crops_per_volume} crops x accumulate "
-             f"{o.accumulate} = {run.crops_per_step} crops/step")
+    run.say(f"pretraining {options.method} (B={config['stages']}) {options.model}: {n_params / 1e6:.1f}M "
+            f"parameters, crop {list(config['crop_size'])}, mask ratio {options.mask_ratio}, {options.pos_embed} "
+            f"position embedding; data: {', '.join(run.data_description)}")
+    batch = (f"{run.world} process(es) x {options.batch_volumes} volumes x {options.crops_per_volume} crops x "
+             f"accumulate {options.accumulate} = {run.crops_per_step} crops/step")
     run.say(f"effective batch: {batch}; device {run.device}, {precision}; steps {training.start} -> {stop} of "
-            f"{o.steps} (warmup {run.warmup})")
-    if o.lr == PAPER_LR and run.crops_per_step != PAPER_CROPS_PER_STEP:
+            f"{options.steps} (warmup {run.warmup})")
+    if options.lr == PAPER_LR and run.crops_per_step != PAPER_CROPS_PER_STEP:
         scaled = PAPER_LR * run.crops_per_step / PAPER_CROPS_PER_STEP
         run.say(f"warning: the paper's learning rate {PAPER_LR:g} belongs to its global batch of "
-                f"{PAPER_CROPS_PER_STEP} crops/step (24 volumes x 8 crops); this run uses lr {o.lr:g} with "
+                f"{PAPER_CROPS_PER_STEP} crops/step (24 volumes x 8 crops); this run uses lr {options.lr:g} with "
                 f"{run.crops_per_step} crops/step ({batch}). The authors' code applies its learning rate "
                 f"unchanged at any batch size (no linear scaling), and so does this run; linear scaling would "
                 f"give --lr {scaled:.3g}", file=sys.stderr)
