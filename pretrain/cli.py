@@ -116,7 +116,8 @@ def cmd_import(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from himae_nnunet.pretrain.loop import PretrainOptions, run_pretraining
+    from himae_nnunet.pretrain.loop import run_pretraining
+    from himae_nnunet.pretrain.options import PretrainOptions
     fields = PretrainOptions.__dataclass_fields__
     opts = PretrainOptions(datasets=args.dataset, **{k: v for k, v in vars(args).items()
                                                      if k in fields and k != "datasets"})

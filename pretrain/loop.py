@@ -6,9 +6,7 @@ output folder and its lock, the checkpoint to continue), build model/optimizer/s
 then the loop (train step, log, checkpoint, preview, stop) and the final checkpoint."""
 import json
 import os
-import signal
 import sys
-import threading
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +22,9 @@ from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.optim import adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.models.hiend_mae import HiEndMAE
-from himae_nnunet.models.presets import model_config
 from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
+from himae_nnunet.pretrain.options import PretrainOptions, build_config, check_options
+from himae_nnunet.pretrain.processes import StopFlag, setup_distributed
 from himae_nnunet.pretrain.run_lock import RunLock, RunLocked
 from himae_nnunet.pretrain.run_log import NonFiniteLoss, RunLog  # noqa: F401  (NonFiniteLoss: part of this API)
 from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, checkpoint_to_resume, check_writable,
@@ -36,121 +35,6 @@ from himae_nnunet.pretrain.run_state import (FINAL, LATEST, LOG, checkpoint_to_r
 warnings.filterwarnings("ignore", message=".*Grad strides do not match bucket view strides.*")
 
 PAPER_CROPS_PER_STEP, PAPER_LR = 192, 1e-4  # 24 volumes x 8 crops per step at lr 1e-4 (Tang et al.)
-
-
-@dataclass
-class PretrainOptions:
-    datasets: list
-    output: str
-    model: str = "vit_b12_1536"
-    method: str = "hiend"  # hiend | mae (= stages 0)
-    stages: int | None = None  # dense decoder stages B; default 3 for hiend
-    mask_ratio: float = 0.75
-    pos_embed: str = "sincos"  # sincos (fixed) | learnable (the authors' 'perceptron': normal, std 0.02)
-    steps: int = 1000  # total optimizer steps of the run
-    warmup: int | None = None  # default min(4000, steps // 10)
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    clip_grad: float | None = None
-    batch_volumes: int = 2  # volumes per process and micro-batch
-    crops_per_volume: int = 8
-    crop_size: int = 96
-    accumulate: int = 1
-    checkpoint_every: int = 500
-    preview_every: int | None = None  # default: checkpoint_every; 0 = never
-    log_every: int | None = None  # default 1 on CPU, 20 on CUDA (each log point reads the GPU once)
-    seed: int = 0
-    device: str | None = None  # default cuda when available
-    resume: bool = False
-    compile: bool = False
-    workers: int = 4
-    weights: list | None = None
-    plans_name: str | None = None
-    skip_bad_cases: bool = False
-    fixed_batch: bool = False  # the same batch every step (overfitting sanity check)
-    augment: bool = True
-    stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
-    tensorboard: bool = True
-
-
-def setup_distributed(device: str | None):
-    """(rank, world size, torch.device, whether we initialised the process group). torchrun sets the env."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: use cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu or fix the CUDA install")
-    dev = torch.device("cuda", local % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
-    if kind == "cuda":
-        torch.cuda.set_device(dev)
-    started = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", **elastic_store(rank, world))
-        started = True
-    return rank, world, dev, started
-
-
-def elastic_store(rank: int, world: int) -> dict:
-    """Under torchrun the workers share the agent's TCP store, and it outlives a restart: the process group of
-    a restarted attempt would read the dead attempt's addresses under the same keys (gloo: 'Connection
-    refused' at init). A prefix per attempt keeps them apart. {} outside torchrun (env:// as usual)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    from datetime import timedelta
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=10))
-    return dict(store=dist.PrefixStore(f"himae_attempt_{attempt}", store), rank=rank, world_size=world)
-
-
-def build_config(options: PretrainOptions) -> dict:
-    if options.method not in ("hiend", "mae"):
-        raise UserError(f"--method {options.method}: use hiend or mae")
-    stages = 0 if options.method == "mae" else (3 if options.stages is None else options.stages)
-    if options.method == "mae" and options.stages not in (None, 0):
-        raise UserError(f"--method mae has no dense stages; drop --stages {options.stages} or use --method hiend")
-    if options.method == "hiend" and stages == 0:
-        raise UserError("--stages 0 is the MAE baseline; say --method mae")
-    return model_config(options.model, stages=stages, mask_ratio=options.mask_ratio, crop_size=options.crop_size,
-                        pos_embed=options.pos_embed)
-
-
-def check_options(options: PretrainOptions) -> None:
-    for name in ("steps", "batch_volumes", "crops_per_volume", "accumulate", "checkpoint_every", "log_every"):
-        if getattr(options, name) is not None and getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(options, name)}: must be at least 1")
-    if options.warmup is not None and options.warmup < 0 or options.lr <= 0 or options.workers < 0:
-        raise UserError("--warmup and --workers must be >= 0 and --lr > 0")
-    if options.stop_at is not None and options.stop_at < 1:
-        raise UserError(f"--stop-at {options.stop_at}: must be a step >= 1")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM (e.g. a cluster's pre-emption) -> finish the step, write the checkpoint, stop."""
-
-    def __init__(self):
-        self.set, self.previous_handlers = False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous_handlers[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.set = True
-        print(f"\nsignal {signum}: stopping after this step (checkpoint written); continue with --resume",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous_handlers.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- resolve the run
@@ -315,13 +199,14 @@ class MicroBatches:
     """Each step's micro-batches from the loader; with --fixed-batch, step 0's again at every step."""
 
     def __init__(self, run: Run, start: int, stop: int):
-        o = run.options
-        dataset = CropDataset(run.sources, run.config["crop_size"], o.crops_per_volume, o.seed,
-                              run.config["patch_size"], augment=o.augment, skip_bad_cases=o.skip_bad_cases)
-        sampler = StepBatches(start, start + 1 if o.fixed_batch else stop, o.accumulate, o.batch_volumes, run.rank,
-                              o.fixed_batch)
-        self.loader = iter(make_loader(dataset, sampler, o.workers, pin_memory=run.device.type == "cuda"))
-        self.accumulate, self.fixed, self.kept = o.accumulate, o.fixed_batch, []
+        options = run.options
+        dataset = CropDataset(run.sources, run.config["crop_size"], options.crops_per_volume, options.seed,
+                              run.config["patch_size"], augment=options.augment,
+                              skip_bad_cases=options.skip_bad_cases)
+        sampler = StepBatches(start, start + 1 if options.fixed_batch else stop, options.accumulate,
+                              options.batch_volumes, run.rank, options.fixed_batch)
+        self.loader = iter(make_loader(dataset, sampler, options.workers, pin_memory=run.device.type == "cuda"))
+        self.accumulate, self.fixed, self.kept = options.accumulate, options.fixed_batch, []
 
     def for_step(self):
         """The step's `accumulate` batches, loaded one at a time as the step consumes them."""
@@ -340,9 +225,9 @@ class MicroBatches:
 def train_step(run: Run, training: Training, batches: MicroBatches, step: int):
     """One optimizer step (0-based `step`) over the micro-batches. Returns (mean loss, grad norm, the last
     micro-batch's (crops, permutations)); loss and norm stay on the device (no host sync inside a step)."""
-    o, t, device = run.options, training, run.device
-    t.net.train()
-    t.optimizer.zero_grad(set_to_none=True)
+    options, device = run.options, run.device
+    training.net.train()
+    training.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for micro, batch in enumerate(batches.for_step()):
         if batch["error"]:
@@ -352,22 +237,22 @@ def train_step(run: Run, training: Training, batches: MicroBatches, step: int):
             run.say(f"\nskipped bad case {msg}")
         crops = batch["image"].to(device, non_blocking=True)  # B*crops, 1, H, W, D
         perm = batch["perm"].to(device, non_blocking=True)  # B*crops, N
-        sync = t.net.no_sync() if run.world > 1 and micro < o.accumulate - 1 else nullcontext()
+        sync = training.net.no_sync() if run.world > 1 and micro < options.accumulate - 1 else nullcontext()
         with sync:
-            with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
-                loss = t.forward(crops, shuffle_indices=perm).loss
-            t.scaler.scale(loss / o.accumulate).backward()
-        loss_sum += loss.detach().float() / o.accumulate
+            with torch.autocast(device.type, dtype=training.amp_dtype, enabled=training.amp_dtype is not None):
+                loss = training.forward(crops, shuffle_indices=perm).loss
+            training.scaler.scale(loss / options.accumulate).backward()
+        loss_sum += loss.detach().float() / options.accumulate
     if run.world > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= run.world
-    t.scaler.unscale_(t.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), o.clip_grad or float("inf"))
+    training.scaler.unscale_(training.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(training.model.parameters(), options.clip_grad or float("inf"))
     # a non-finite loss is caught at the next flush, which always comes before a checkpoint is written:
     # damaged weights are never saved
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.scheduler.step()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.scheduler.step()
     return loss_sum, grad_norm, (crops, perm)
 
 
@@ -385,9 +270,9 @@ def write_checkpoint(run: Run, training: Training, name: str, step: int, with_st
         return
     extra = None
     if with_state:
-        t = training
-        extra = {"training": {"next_step": step, "optimizer": t.optimizer.state_dict(),
-                              "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+        extra = {"training": {"next_step": step, "optimizer": training.optimizer.state_dict(),
+                              "scheduler": training.scheduler.state_dict(),
+                              "scaler": training.scaler.state_dict(),
                               "rng": rng_state(), "options": {k: jsonable(v) for k, v in asdict(run.options).items()},
                               "world_size": run.world, "global_volumes": run.global_volumes}}
     meta = make_meta(run.config, step=step, method=run.options.method, spacing=run.sources[0].spacing,
@@ -411,17 +296,17 @@ def write_preview(run: Run, model: HiEndMAE, inputs: tuple, step: int) -> None:
 def train(run: Run, training: Training, batches: MicroBatches, run_log: RunLog, signals: StopFlag,
           stop: int) -> int:
     """Steps training.start .. stop; returns the step it ended at (earlier after SIGINT/SIGTERM)."""
-    o = run.options
+    options = run.options
     for step in range(training.start, stop):
         lr = training.scheduler.get_last_lr()[0]
         loss, grad_norm, inputs = train_step(run, training, batches, step)
         done = step + 1
         faults.maybe_kill_at_step(done)  # tests only (HIMAE_FAULT_KILL_AT_STEP); a no-op otherwise
         run_log.add(done, lr, loss, grad_norm)
-        at_checkpoint = done % o.checkpoint_every == 0 or done == stop
-        at_preview = run.main and run.preview_every and (done % run.preview_every == 0 or done == o.steps)
+        at_checkpoint = done % options.checkpoint_every == 0 or done == stop
+        at_preview = run.main and run.preview_every and (done % run.preview_every == 0 or done == options.steps)
         stopping = False
-        if done % o.log_every == 0 or at_checkpoint or at_preview:
+        if done % options.log_every == 0 or at_checkpoint or at_preview:
             stopping = stop_requested(run, signals)
             run_log.flush(done)
         if at_checkpoint or stopping:
@@ -435,20 +320,20 @@ def train(run: Run, training: Training, batches: MicroBatches, run_log: RunLog, 
 
 def announce(run: Run, training: Training, stop: int) -> None:
     """What is trained on what, with which batch and precision; a warning when the batch is not the paper's."""
-    o, config = run.options, run.config
+    options, config = run.options, run.config
     n_params = sum(p.numel() for p in training.model.parameters())
     precision = f"autocast {str(training.amp_dtype).split('.')[-1]}" if training.amp_dtype else "fp32"
-    run.say(f"pretraining {o.method} (B={config['stages']}) {o.model}: {n_params / 1e6:.1f}M parameters, crop "
-            f"{list(config['crop_size'])}, mask ratio {o.mask_ratio}, {o.pos_embed} position embedding; data: "
-            f"{', '.join(run.data_description)}")
-    batch = (f"{run.world} process(es) x {o.batch_volumes} volumes x {o.crops_per_volume} crops x accumulate "
-             f"{o.accumulate} = {run.crops_per_step} crops/step")
+    run.say(f"pretraining {options.method} (B={config['stages']}) {options.model}: {n_params / 1e6:.1f}M "
+            f"parameters, crop {list(config['crop_size'])}, mask ratio {options.mask_ratio}, {options.pos_embed} "
+            f"position embedding; data: {', '.join(run.data_description)}")
+    batch = (f"{run.world} process(es) x {options.batch_volumes} volumes x {options.crops_per_volume} crops x "
+             f"accumulate {options.accumulate} = {run.crops_per_step} crops/step")
     run.say(f"effective batch: {batch}; device {run.device}, {precision}; steps {training.start} -> {stop} of "
-            f"{o.steps} (warmup {run.warmup})")
-    if o.lr == PAPER_LR and run.crops_per_step != PAPER_CROPS_PER_STEP:
+            f"{options.steps} (warmup {run.warmup})")
+    if options.lr == PAPER_LR and run.crops_per_step != PAPER_CROPS_PER_STEP:
         scaled = PAPER_LR * run.crops_per_step / PAPER_CROPS_PER_STEP
         run.say(f"warning: the paper's learning rate {PAPER_LR:g} belongs to its global batch of "
-                f"{PAPER_CROPS_PER_STEP} crops/step (24 volumes x 8 crops); this run uses lr {o.lr:g} with "
+                f"{PAPER_CROPS_PER_STEP} crops/step (24 volumes x 8 crops); this run uses lr {options.lr:g} with "
                 f"{run.crops_per_step} crops/step ({batch}). The authors' code applies its learning rate "
                 f"unchanged at any batch size (no linear scaling), and so does this run; linear scaling would "
                 f"give --lr {scaled:.3g}", file=sys.stderr)

@@ -5,7 +5,10 @@ The lock is a POSIX record lock (fcntl.lockf) on that file, so the kernel (or th
 when the holder dies, even by kill -9, and forked loader workers do not inherit it. The file's text names the
 holder (pid, host, start time, command, torchrun job) for the message the next process shows. A lock file
 left by a killed process is taken over with a note; one left by an earlier attempt of the same torchrun job
-(an elastic restart) is taken over quietly. The holder deletes the file when it ends."""
+(an elastic restart) is taken over quietly. The holder deletes the file when it ends.
+
+POSIX locks belong to the process and drop when it closes *any* descriptor of the file: the holder never
+opens the lock file a second time (read it through RunLock.fd)."""
 import errno
 import fcntl
 import json
@@ -41,7 +44,8 @@ def describe_holder(info: dict) -> str:
     return text + (f": {info['command']}" if info.get("command") else "")
 
 
-def _read_info(fd: int) -> dict:
+def read_holder(fd: int) -> dict:
+    """The holder details in the lock file open as `fd` ({} if none or unreadable)."""
     os.lseek(fd, 0, os.SEEK_SET)
     raw = os.read(fd, 1 << 16)
     try:
@@ -73,7 +77,7 @@ class RunLock:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                info = _read_info(fd)
+                info = read_holder(fd)
                 os.close(fd)
                 if e.errno not in (errno.EACCES, errno.EAGAIN):
                     raise
@@ -84,7 +88,7 @@ class RunLock:
                 self.fd = fd
             else:  # the holder ended and deleted the file between our open and lock: try again
                 os.close(fd)
-        self._note_previous(_read_info(self.fd))
+        self._note_previous(read_holder(self.fd))
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(holder_info()).encode(), 0)
         return self

@@ -16,7 +16,7 @@ from himae_nnunet.checkpoint.format import read_checkpoint
 from himae_nnunet.core.errors import UserError
 
 if TYPE_CHECKING:
-    from himae_nnunet.pretrain.loop import PretrainOptions
+    from himae_nnunet.pretrain.options import PretrainOptions
 
 LATEST, FINAL, LOG = "checkpoint_latest.pt", "checkpoint_final.pt", "log.jsonl"
 # options that define the sample and model sequence: a resumed run must keep them
@@ -35,13 +35,14 @@ def rng_state() -> dict:
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+def set_rng_state(saved: dict) -> None:
+    """Inverse of `rng_state`."""
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    numpy_state = saved["numpy"]
+    np.random.set_state((numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:5]))
+    random.setstate((saved["python"][0], tuple(saved["python"][1]), saved["python"][2]))
 
 
 def checkpoint_to_resume(out: Path, resume: bool, say=print) -> dict | None:

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,6 +165,57 @@ def test_a_restarted_job_continues_only_its_own_run(tmp_path, monkeypatch):
     assert not run_state.elastic_restart_of_this_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"launch": None}))  # started without torchrun
     assert not run_state.elastic_restart_of_this_run(tmp_path)
+
+
+# ---------------------------------------------------------------- two runs, one folder
+
+def test_a_second_process_on_the_same_output_is_refused_and_a_killed_runs_lock_taken_over(tree, tmp_path):
+    """Two real processes: while the first writes the run, a second one (here with --resume, which would
+    otherwise continue from the first's checkpoints) stops with a message naming the first. kill -9 leaves
+    the lock file; the next run takes it over, says whose it was, and deletes it at the end."""
+    run = tmp_path / "run"
+    lock = run / ".pretrain.lock"
+    args = [*CLI_TINY, "--steps", "400", "--checkpoint-every", "2", "--output", str(run)]
+    first = start_cli(args)
+    deadline = time.time() + 120
+    while first.poll() is None and last_logged(run) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, first.communicate()[1][-2000:]
+    second = start_cli([*args, "--resume"])
+    _, err = second.communicate(timeout=240)
+    print(err.strip().splitlines()[-1])
+    assert second.returncode == 2 and no_traceback(err), err[-2000:]
+    assert (f"{run} is being written by another pretraining process, pid {first.pid} on {socket.gethostname()}, "
+            f"started ") in err and "choose another --output" in err
+    assert first.poll() is None  # the first run goes on
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert json.loads(lock.read_text())["pid"] == first.pid  # kill -9: the file stays, the kernel's lock is gone
+    saved = read_checkpoint(run / "checkpoint_latest.pt")["meta"]["step"]
+    third = start_cli([*args, "--resume", "--stop-at", str(saved + 1)])
+    out, err = third.communicate(timeout=240)
+    assert third.returncode == 0, err[-2000:]
+    print(out.strip().splitlines()[0])
+    assert f"note: taking over the lock {lock} left by pid {first.pid} on {socket.gethostname()}" in out
+    assert "which no longer runs (killed or crashed)" in out and f"steps {saved} -> {saved + 1} of 400" in out
+    assert not lock.exists() and [r["step"] for r in log_of(run)] == list(range(1, saved + 2))
+
+
+def test_a_torchrun_restart_takes_over_its_own_jobs_lock_quietly(tmp_path, monkeypatch):
+    """An elastic restart finds the lock file of its job's killed first attempt: no note (rank death under
+    torchrun, end to end: test_rank_death_under_torchrun_restarts_and_finishes). Another job's is noted."""
+    from himae_nnunet.pretrain.run_lock import LOCK, RunLock, holder_info, read_holder
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+    left = holder_info() | {"pid": int(ended.stdout)}  # what the killed first attempt's rank 0 wrote
+    notes = []
+    for job in ("job1", "job2"):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        (tmp_path / LOCK).write_text(json.dumps(left))
+        with RunLock(tmp_path, notes.append) as held:
+            assert read_holder(held.fd)["launch"]["run_id"] == job and read_holder(held.fd)["pid"] == os.getpid()
+        assert not (tmp_path / LOCK).exists()
+    assert len(notes) == 1 and f"pid {left['pid']} on" in notes[0] and "(torchrun job job1, agent pid" in notes[0]
 
 
 # ---------------------------------------------------------------- disks: full, read-only, impossible

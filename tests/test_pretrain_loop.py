@@ -156,3 +156,75 @@ def test_corrupted_case_is_named_or_skipped(tree, nnunet_dirs, tmp_path, capsys)
     assert "lung" in err and "--skip-bad-cases" in err and not (tmp_path / "a").exists()
     assert main([*args, "--output", str(tmp_path / "b"), "--skip-bad-cases"]) == 0
     assert "skipping bad case" in capsys.readouterr().out and "2 cases" in (tmp_path / "b" / "config.json").read_text()
+
+
+def no_decay_names(model, groups) -> set:
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return {name_of[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "learnable"])
+def test_pretraining_and_finetuning_optimizers_agree_on_what_decays(pos_embed):
+    """One rule (core.optim, declared by the models): the two optimizers leave the same encoder parameters
+    undecayed, i.e. biases, norms, the cls token and a learnable position table, and decay the rest."""
+    from himae_nnunet.core.optim import adamw_param_groups
+    from himae_nnunet.models import UNETR
+    from himae_nnunet.models.hiend_mae import HiEndMAE
+    from himae_nnunet.models.presets import model_config
+    from himae_nnunet.trainers.finetune import param_groups as finetune_groups
+    mae = HiEndMAE(model_config("vit_tiny", crop_size=32, pos_embed=pos_embed))
+    unetr = UNETR(1, 3, preset="vit_tiny", patch_size_voxels=(32, 32, 32), feature_size=4, pos_embed=pos_embed)
+    pre = no_decay_names(mae, adamw_param_groups(mae, 0.05))
+    fine = no_decay_names(unetr, finetune_groups(unetr, 1e-5, layer_decay=0.75))
+    encoder = {n for n, _ in mae.named_parameters() if n.startswith("encoder.")}
+    assert encoder == {n for n, _ in unetr.named_parameters() if n.startswith("encoder.")}
+    assert pre & encoder == fine & encoder
+    expected = {n for n in encoder if n.endswith((".bias", "norm.weight", "norm1.weight", "norm2.weight"))}
+    expected |= {"encoder.cls_token"} | ({"encoder.pos_embed"} if pos_embed == "learnable" else set())
+    assert pre & encoder == expected
+    assert "mask_token" in pre and "decoder.head.weight" not in pre and "decoder.seg_layers.bias" in fine
+    assert not any(n.endswith(("qkv.weight", "fc1.weight", "patch_embed.proj.weight")) for n in pre | fine)
+
+
+def test_one_warmup_cosine_schedule_for_both_loops():
+    """Pretraining's per-step LambdaLR and fine-tuning's per-epoch scheduler follow the same curve."""
+    from himae_nnunet.core.schedule import warmup_decay_factor
+    from himae_nnunet.trainers.finetune import WarmupDecayLR
+    total, warmup = 40, 4
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-4)
+    finetune = WarmupDecayLR(opt, 1e-4, num_epochs=total, warmup_epochs=warmup)
+    curve = []
+    for epoch in range(total):
+        finetune.step(epoch)
+        curve.append(opt.param_groups[0]["lr"])
+    factors = [warmup_decay_factor(s, total, warmup) for s in range(total)]
+    assert curve == [1e-4 * f for f in factors]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0 and factors[22] == pytest.approx(0.5)
+    assert warmup_decay_factor(total, total, warmup, base_lr=1e-4, min_lr=1e-5) == pytest.approx(0.1)
+    assert warmup_decay_factor(total + 5, total, warmup, decay="poly") == 0.0
+
+
+def test_learnable_position_embedding_and_the_batch_warning(tree, tmp_path, capsys):
+    """--pos-embed learnable trains the encoder's table (recorded in the checkpoint, undecayed, part of the
+    run's identity); a global batch other than the paper's 192 crops at its lr 1e-4 is warned about."""
+    run = tmp_path / "learnable"
+    args = ["pretrain", *CLI_TINY, "--steps", "2", "--checkpoint-every", "2", "--workers", "0", "--output", str(run)]
+    assert main([*args, "--pos-embed", "learnable"]) == 0
+    captured = capsys.readouterr()
+    assert "learnable position embedding" in captured.out
+    assert "warning: the paper's learning rate 0.0001 belongs to its global batch of 192 crops/step" in captured.err
+    assert "this run uses lr 0.0001 with 2 crops/step (1 process(es) x 1 volumes x 2 crops" in captured.err
+    assert "no linear scaling" in captured.err and "would give --lr 1.04e-06" in captured.err
+    model = load_checkpoint(run / "checkpoint_final.pt")
+    assert model.meta["model"]["pos_embed"] == "learnable"
+    assert isinstance(model.encoder.pos_embed, torch.nn.Parameter)
+    state = torch.load(run / "checkpoint_latest.pt", weights_only=True)
+    saved_table = state["state_dict"]["encoder.pos_embed"]
+    assert 0.01 < saved_table.std() < 0.03  # normal(0, 0.02), as the authors initialise it, after 2 steps
+    no_decay = state["training"]["optimizer"]["param_groups"][1]
+    n_nodecay = sum(1 for n, p in model.named_parameters() if p.ndim < 2 or n.endswith(("token", "pos_embed")))
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == n_nodecay
+    assert main([*args, "--steps", "3", "--resume"]) == 2  # the default sincos is another run
+    assert "pos_embed (saved 'learnable')" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "other_lr"), "--lr", "2e-4"]) == 0
+    assert "the paper's learning rate" not in capsys.readouterr().err  # a chosen learning rate is the user's call
