@@ -74,3 +74,38 @@ def test_cli_error_has_no_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "himae_nnunet.cli", "import-official", str(tmp_path / "nope.pth"),
                           str(tmp_path / "out.pt")], capture_output=True, text=True)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_files_that_are_no_checkpoint_are_named_as_such(tmp_path, tiny_ckpt, data_dir):
+    """Random bytes, a cut-off download, an image renamed .pt: 'damaged or not a checkpoint', never the
+    pickled-code refusal (which would send the user looking for an attack)."""
+    import gzip
+    import shutil
+    from himae_nnunet.vit_plans.weights import read_pretrained
+    path, _ = tiny_ckpt
+    nifti = tmp_path / "scan.pt"
+    shutil.copy(data_dir / "ct_spleen_msd" / "sub-spleen2_ct.nii.gz", nifti)
+    plain_nifti = tmp_path / "scan_nii.pt"
+    plain_nifti.write_bytes(gzip.decompress(nifti.read_bytes())[:4096])
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"a": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:2] + b"garbage after the pickle header")
+    cut = tmp_path / "half.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    cases = {nifti: "not a torch file: it looks like a gzip-compressed file (a .nii.gz image?)",
+             plain_nifti: "not a torch file: it looks like a NIfTI-1 image",
+             noise: "not a torch file: its first bytes (",
+             legacy: "UnpicklingError: the data after the header is not a pickle",
+             cut: "RuntimeError: PytorchStreamReader failed",
+             empty: "not a torch file: the file is empty"}
+    for bad, why in cases.items():
+        for reader in (read_checkpoint, read_pretrained):
+            with pytest.raises(CheckpointError) as e:
+                reader(bad)
+            message = str(e.value)
+            assert message.startswith(f"cannot read {bad} as a torch checkpoint (") and why in message, message
+            assert "the file is damaged or not a checkpoint" in message and "pickled" not in message

@@ -76,12 +76,14 @@ def digest(path):
 
 
 def test_plan_command(nnunet_dirs, data_dir, tmp_path, monkeypatch, capsys):
+    import nnunetv2.configuration
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     write_ab_dataset(data_dir, nnunet_dirs["nnUNet_raw"])
     ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
-    args = ["plan", "501", "--checkpoint", str(ckpt), "--patch-size", "32", "32", "32", "-np", "1"]
-    assert main(args) == 0  # base plans missing: nnU-Net fingerprinting and planning run first
+    args = ["plan", "501", "--checkpoint", str(ckpt), "--patch-size", "32", "32", "32"]
+    monkeypatch.setattr(nnunetv2.configuration, "default_num_processes", 1)  # nnUNet_def_n_proc=1
+    assert main(args) == 0  # base plans missing: nnU-Net fingerprinting and planning run first, -np as nnU-Net's
     out = capsys.readouterr().out
     assert "export nnUNet_extTrainer=" in out and "nnUNetv2_preprocess -d 501 -plans_name HiEndMAEPlans" in out
     folder = nnunet_dirs["nnUNet_preprocessed"] / "Dataset501_OneShotAB"
@@ -97,7 +99,7 @@ def test_plan_command(nnunet_dirs, data_dir, tmp_path, monkeypatch, capsys):
     assert np.allclose(norm.run(hu.copy()), [0, 0, 0.5, 1, 1])
     # the architecture block builds the UNETR nnU-Net's way, with the checkpoint's encoder
     arch = cfg["architecture"]
-    net = pydoc.locate(arch["network_class_name"])(input_channels=1, num_classes=7, deep_supervision=True,
+    net = pydoc.locate(arch["network_class_name"])(input_channels=1, num_classes=7, deep_supervision=False,
                                                    **arch["arch_kwargs"])
     assert net(torch.rand(1, 1, 32, 32, 32)).shape == (1, 7, 32, 32, 32)
     assert net.config["embed_dim"] == meta["model"]["embed_dim"] and net.config["depth"] == meta["model"]["depth"]
@@ -112,6 +114,7 @@ def test_plan_command(nnunet_dirs, data_dir, tmp_path, monkeypatch, capsys):
     assert digest(folder / "nnUNetPlans.json") == base_digest  # the dataset's own plans never change
 
     for bad, message in ((["--plans-name", "nnUNetPlans"], "nnU-Net's own plans"),
+                         (["--plans-name", "Hi__End"], "contains '__', which nnU-Net uses to split"),
                          (["--patch-size", "40", "32", "32"], "not a multiple"),
                          (["--checkpoint", str(tmp_path / "gone.pt")], "does not exist")):
         assert main(args + bad) == 2
@@ -123,3 +126,28 @@ def test_plan_command(nnunet_dirs, data_dir, tmp_path, monkeypatch, capsys):
     (folder / "Foreign.json").write_text(json.dumps(other | {"plans_name": "Foreign"}))
     assert main(args + ["--plans-name", "Foreign"]) == 2
     assert "not written by himae-nnunet" in capsys.readouterr().err
+
+
+def test_mae_and_hiend_plans_share_one_data_folder(nnunet_dirs, tmp_path, capsys):
+    """Same spacing, window and resampling: the second plans reuse the first one's preprocessed data."""
+    folder = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X"
+    folder.mkdir()
+    (folder / "nnUNetPlans.json").write_text(json.dumps(base_plans()))
+    hiend, _ = tiny_checkpoint(tmp_path / "hiend.pt")
+    mae, _ = tiny_checkpoint(tmp_path / "mae.pt", stages=0)
+    args = ["--patch-size", "32", "32", "32", "-np", "1"]
+    assert main(["plan", "900", "--checkpoint", str(hiend), *args]) == 0
+    data = folder / "HiEndMAEPlans_3d_fullres"
+    data.mkdir()
+    (data / "case.pkl").write_bytes(b"")  # as if preprocessed
+    capsys.readouterr()
+    assert main(["plan", "900", "--checkpoint", str(mae), "--plans-name", "MAEPlans", "--preprocess", *args]) == 0
+    out = capsys.readouterr().out
+    assert "sharing its data folder HiEndMAEPlans_3d_fullres" in out and "not preprocessing it again" in out
+    mae_plans = json.loads((folder / "MAEPlans.json").read_text())
+    assert mae_plans["configurations"]["3d_fullres"]["data_identifier"] == "HiEndMAEPlans_3d_fullres"
+    assert mae_plans["himae"]["pretrain"]["method"] == "mae" and not (folder / "MAEPlans_3d_fullres").exists()
+    assert main(["plan", "900", "--checkpoint", str(mae), "--plans-name", "MAE2mm", "--spacing", "2", "2", "2",
+                 *args]) == 0  # other spacing: a data folder of its own
+    other = json.loads((folder / "MAE2mm.json").read_text())
+    assert other["configurations"]["3d_fullres"]["data_identifier"] == "MAE2mm_3d_fullres"
