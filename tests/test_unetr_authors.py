@@ -107,3 +107,17 @@ def test_plan_unetr_authors_builds_and_runs(tmp_path, nnunet_dirs, capsys):
     assert y.shape == (2, 3, 48, 36, 60)
     y.mean().backward()
     assert all(p.grad is not None for p in net.parameters())  # no unused parameter (DDP)
+
+
+def test_decoder_compute_behind_the_default():
+    """The README's reason for the default, recounted (meta device: shapes only)."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from unetr_decoders import count
+    p12 = {d: count("vit_b12_1536", (96, 96, 96), 32, d) for d in ("ours", "authors")}
+    assert p12["ours"]["decoder_gmacs"] > 2 * p12["authors"]["decoder_gmacs"]
+    assert p12["ours"]["gmacs"] - p12["ours"]["decoder_gmacs"] == pytest.approx(
+        p12["authors"]["gmacs"] - p12["authors"]["decoder_gmacs"], rel=0.01)  # same encoder (ours: + cls token)
+    p16 = {d: count("vit_b16_1536", (96, 96, 96), 32, d) for d in ("ours", "authors")}
+    assert p16["ours"]["decoder_gmacs"] < p16["authors"]["decoder_gmacs"]
