@@ -43,6 +43,18 @@ def test_paper_settings_by_name_and_in_plans(tmp_path):
     assert epochs_of(1, 2000) == (8, 250)
 
 
+def test_paper_trainers_found_by_nnunet(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from himae_nnunet.trainers import paper
+    from himae_nnunet.vit_plans.cli import ext_trainer_path
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
+    expected = {"": None, "_oneshot": 5000, "_1pct": 5000, "_10pct": 2000, "_100pct": 1000, "_smoke": 4}
+    for base in ("nnUNetTrainerHiEndMAE_paper", "nnUNetTrainerUNETR_paper"):
+        for suffix, epochs in expected.items():
+            cls = recursive_find_trainer_class_by_name(base + suffix)
+            assert cls is getattr(paper, base + suffix) and cls.PAPER_EPOCHS == epochs
+
+
 def epochs_of(cases, paper_epochs):
     epochs, per_epoch = paper_schedule(paper_epochs, cases)
     return epochs, per_epoch * cases

@@ -202,8 +202,8 @@ class PaperCropLoader(nnUNetDataLoader):
         for fg in kinds:
             centre = self.foreground_centre(classes, shares, properties.get("class_locations"), seg) if fg \
                 else self.background_centre(data, seg, lo, hi)
-            if centre is not None:
-                return np.asarray(centre)
+            if centre is not None:  # inside the body box, as MONAI sees only the foreground-cropped image
+                return np.clip(np.asarray(centre), lo, np.array(hi) - 1)
         return np.array([s // 2 for s in seg.shape[1:]])
 
     def generate_train_batch(self):
