@@ -2,3 +2,4 @@
 `nnUNet_extTrainer` = `himae-nnunet ext-trainer-path` (the ext/ folder re-exports them)."""
 from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR  # noqa: F401
 from himae_nnunet.trainers.variants import *  # noqa: F401,F403
+from himae_nnunet.trainers.budget import nnUNetTrainer_HimaeBudget  # noqa: F401
