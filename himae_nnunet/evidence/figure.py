@@ -33,3 +33,38 @@ def plot_dice_vs_budget(summary: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_loss_log(log_jsonl: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of a pretraining run's log.jsonl; a resumed run's rewritten steps keep their last value."""
+    import json
+    by_step = {}
+    for line in Path(log_jsonl).read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "loss" in record and "step" in record:
+            by_step[int(record["step"])] = float(record["loss"])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_pretraining_losses(runs: dict, path: Path, window: int = 100, last_step: int | None = None) -> None:
+    """Masked-patch MSE per step (faint) and its running mean over `window` steps, one line per run, up to
+    `last_step` (the checkpoint used; a stopped run may have logged a few steps past it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, log in runs.items():
+        steps, loss = read_loss_log(log)
+        keep = [i for i, st in enumerate(steps) if last_step is None or st <= last_step]
+        steps, loss = [steps[i] for i in keep], [loss[i] for i in keep]
+        line, = ax.plot(steps, loss, lw=0.5, alpha=0.25)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")  # (n - window + 1,)
+        ax.plot(steps[window - 1:], smooth, color=line.get_color(), lw=2, label=f"{name} ({window}-step mean)")
+    ax.set(xlabel="optimizer step", ylabel="masked-patch MSE (per-patch normalized)", title="pretraining loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
