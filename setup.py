@@ -28,6 +28,7 @@ setup(
         "himae_nnunet.vit_plans",
         "himae_nnunet.analysis",
         "himae_nnunet.demo",
+        "himae_nnunet.evidence",
         "himae_nnunet.pretrain",
         "himae_nnunet.trainers",
         "himae_nnunet.trainers.ext",

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "himae_nnunet.vit_plans.cli",  # plan, split, ext-trainer-path, export-pretrained, train, predict
     "himae_nnunet.analysis.cli",  # analyze rank|attention|reconstruct
     "himae_nnunet.demo.run",  # demo, make-synthetic
+    "himae_nnunet.evidence.cli",  # compare, evidence-dataset
 ]
 
 

@@ -17,6 +17,9 @@ def test_demo_runs_and_reports(tmp_path):
     assert set(report["dice"]) == {"Hi-End-MAE", "scratch UNETR"}
     assert all(set(d) == {"1", "2", "3"} for d in report["dice"].values())
     assert "Dice per label" in res.stdout and "Time per stage" in res.stdout
+    assert "95 % bootstrap interval" in res.stdout and "verdict: " in res.stdout
+    diff = report["comparison"]["difference"]
+    assert diff["n"] == 6 and diff["ci_low"] <= diff["mean_diff"] <= diff["ci_high"]  # 2 test scans x 3 labels
     for png in report["figures"].values():
         assert Path(png).stat().st_size > 10_000  # real pictures, not empty canvases
     assert len(list((work / "logs").glob("*.log"))) == 10

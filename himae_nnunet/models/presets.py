@@ -23,6 +23,7 @@ DEFAULTS = dict(
 PRESETS = {
     # name: patch, encoder dim / depth / heads, decoder dim / heads
     "vit_tiny": dict(patch_size=16, embed_dim=96, depth=12, num_heads=4, decoder_dim=48, decoder_heads=4),
+    "vit_tiny_p8": dict(patch_size=8, embed_dim=96, depth=12, num_heads=4, decoder_dim=48, decoder_heads=4),  # 3 mm CPU runs
     "vit_small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_dim=192, decoder_heads=6),
     "vit_b16_768": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=384, decoder_heads=12),
     "vit_b16_1536": dict(patch_size=16, embed_dim=1536, depth=12, num_heads=16, decoder_dim=528, decoder_heads=16),
