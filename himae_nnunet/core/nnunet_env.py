@@ -39,3 +39,8 @@ def dataset_name(dataset: str | int) -> str:
     except RuntimeError as e:
         raise UserError(f"dataset {dataset!r} was not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results "
                         f"({str(e).splitlines()[0]}); check the id with `ls $nnUNet_raw`") from None
+
+
+def dataset_id(name: str) -> int:
+    """The id of 'DatasetXXX_Name' (nnU-Net's naming: three digits after 'Dataset')."""
+    return int(name[len("Dataset"):len("Dataset") + 3])
