@@ -122,7 +122,7 @@ def test_hiend_mae_chain(chain, hiend_fold):
     assert "pretrained weights from" in log and "random init (not in the file): decoder." in log
     # the LR nnU-Net logs (and plots) is the decoder's: 1e-4, cosine to 5e-5 at epoch 1 of 2; the encoder's
     # groups are frozen in epoch 0 and layer-decayed by 0.5 per block
-    assert [line.split(": ")[-1] for line in log.splitlines() if "Current learning rate" in line] == ["0.0001", "5e-05"]
+    assert [line.split(": ")[-1].strip() for line in log.splitlines() if "Current learning rate" in line] == ["0.0001", "5e-05"]
     assert (fold / "validation" / f"{CASE_B}.nii.gz").is_file()
 
     pred = root / "pred"
@@ -136,40 +136,6 @@ def test_hiend_mae_chain(chain, hiend_fold):
     dice = {int(k): v["Dice"] for k, v in summary["mean"].items()}
     assert sorted(dice) == [1, 2, 3, 4, 5, 6]
     assert all(np.isnan(d) or 0 <= d <= 1 for d in dice.values())
-
-
-def test_resume_and_revalidate_after_the_pretraining_file_moved(chain, hiend_fold):
-    """--c / --val / --val_best read the fold's own checkpoints only; a fresh start refuses a changed file."""
-    ckpt, env = chain["ckpt"], chain["env_ext"]
-    train = ("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", TRAINER, "-p", PLANS, "-device", "cpu")
-    moved = ckpt.with_name("moved.pt")
-    ckpt.rename(moved)
-    try:
-        logs = set(hiend_fold.glob("training_log_*.txt"))
-        run(*train, "--val", "--val_best", env=env)
-        run(*train, "--c", env=env)  # finished fold: nothing left to train, validates again
-        new_logs = "".join(p.read_text() for p in set(hiend_fold.glob("training_log_*.txt")) - logs)
-        assert "pretrained weights from" not in new_logs
-        tiny_checkpoint(ckpt, crop=32)  # another file under the planned name
-        run(*train, "--c", env=env)  # still fine: the fold holds every weight
-        out = run(*train, env=env, fails=True)  # from scratch: the pretraining file is read, and refused
-        assert "changed since the plans were made" in out
-    finally:
-        moved.replace(ckpt)
-    assert json.loads((hiend_fold / "validation" / "summary.json").read_text())["mean"]
-
-
-def test_full_network_file_gets_a_results_folder_of_its_own(chain, file_fold):
-    env, root = chain["env"], chain["root"]
-    out = run("himae-nnunet", "train", 501, "3d_fullres", 0, "-tr", "nnUNetTrainerUNETR_smoke", "-device", "cpu",
-              "-pretrained_weights", chain["full"], env=env, fails=True)
-    assert "Train with -tr nnUNetTrainerUNETRPretrainedWeights_smoke instead" in out
-    assert not (results(chain, "nnUNetTrainerUNETR_smoke") / "fold_0" / "checkpoint_final.pth").exists()
-    assert (file_fold / "checkpoint_final.pth").is_file() and not (file_fold / "pretrained_weights.json").exists()
-    pred = root / "pred_file"
-    run("himae-nnunet", "predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-f", 0, "-tr",
-        FILE_TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1, env=env)
-    check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
 
 
 def small_image(chain, folder: Path) -> Path:
@@ -218,6 +184,40 @@ def test_model_shared_as_zip_predicts_in_a_fresh_tree(chain, hiend_fold, tmp_pat
     first = check_same_geometry(tmp_path / "p1" / f"{CASE_B}.nii.gz", image)
     for other in ("p2", "p3"):
         assert np.array_equal(check_same_geometry(tmp_path / other / f"{CASE_B}.nii.gz", image), first)
+
+
+def test_resume_and_revalidate_after_the_pretraining_file_moved(chain, hiend_fold):
+    """--c / --val / --val_best read the fold's own checkpoints only; a fresh start refuses a changed file."""
+    ckpt, env = chain["ckpt"], chain["env_ext"]
+    train = ("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", TRAINER, "-p", PLANS, "-device", "cpu")
+    moved = ckpt.with_name("moved.pt")
+    ckpt.rename(moved)
+    try:
+        logs = set(hiend_fold.glob("training_log_*.txt"))
+        run(*train, "--val", "--val_best", env=env)
+        run(*train, "--c", env=env)  # finished fold: nothing left to train, validates again
+        new_logs = "".join(p.read_text() for p in set(hiend_fold.glob("training_log_*.txt")) - logs)
+        assert "pretrained weights from" not in new_logs
+        tiny_checkpoint(ckpt, crop=32)  # another file under the planned name
+        run(*train, "--c", env=env)  # still fine: the fold holds every weight
+        out = run(*train, env=env, fails=True)  # from scratch: the pretraining file is read, and refused
+        assert "changed since the plans were made" in out
+    finally:
+        moved.replace(ckpt)
+    assert json.loads((hiend_fold / "validation" / "summary.json").read_text())["mean"]
+
+
+def test_full_network_file_gets_a_results_folder_of_its_own(chain, file_fold):
+    env, root = chain["env"], chain["root"]
+    out = run("himae-nnunet", "train", 501, "3d_fullres", 0, "-tr", "nnUNetTrainerUNETR_smoke", "-device", "cpu",
+              "-pretrained_weights", chain["full"], env=env, fails=True)
+    assert "Train with -tr nnUNetTrainerUNETRPretrainedWeights_smoke instead" in out
+    assert not (results(chain, "nnUNetTrainerUNETR_smoke") / "fold_0" / "checkpoint_final.pth").exists()
+    assert (file_fold / "checkpoint_final.pth").is_file() and not (file_fold / "pretrained_weights.json").exists()
+    pred = root / "pred_file"
+    run("himae-nnunet", "predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-f", 0, "-tr",
+        FILE_TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1, env=env)
+    check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
 
 
 def test_compare_selects_over_explicit_trainer_plans_pairs(chain, hiend_fold, file_fold):
