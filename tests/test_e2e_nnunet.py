@@ -122,7 +122,7 @@ def test_hiend_mae_chain(chain, hiend_fold):
     assert "pretrained weights from" in log and "random init (not in the file): decoder." in log
     # the LR nnU-Net logs (and plots) is the decoder's: 1e-4, cosine to 5e-5 at epoch 1 of 2; the encoder's
     # groups are frozen in epoch 0 and layer-decayed by 0.5 per block
-    assert [line.split(": ")[-1] for line in log.splitlines() if "Current learning rate" in line] == ["0.0001", "5e-05"]
+    assert [line.split(": ")[-1].strip() for line in log.splitlines() if "Current learning rate" in line] == ["0.0001", "5e-05"]
     assert (fold / "validation" / f"{CASE_B}.nii.gz").is_file()
 
     pred = root / "pred"
@@ -136,6 +136,58 @@ def test_hiend_mae_chain(chain, hiend_fold):
     dice = {int(k): v["Dice"] for k, v in summary["mean"].items()}
     assert sorted(dice) == [1, 2, 3, 4, 5, 6]
     assert all(np.isnan(d) or 0 <= d <= 1 for d in dice.values())
+
+
+def small_image(chain, folder: Path) -> Path:
+    """The central quarter of patient B's slices: a quick prediction."""
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz"))
+    folder.mkdir()
+    x, y, _ = image.GetSize()
+    sitk.WriteImage(image[x // 4:3 * x // 4, y // 4:3 * y // 4, :], str(folder / f"{CASE_B}_0000.nii.gz"))
+    return folder / f"{CASE_B}_0000.nii.gz"
+
+
+PYTHON_API = """
+import sys
+
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+if __name__ == "__main__":  # nnU-Net's export workers re-import this file
+    predictor = nnUNetPredictor(device=__import__("torch").device("cpu"), use_mirroring=False)
+    try:
+        predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
+    except RuntimeError as e:
+        print("without the line:", str(e)[:60])
+    from himae_nnunet.vit_plans.cli import with_ext_trainer_env; with_ext_trainer_env()  # the one line
+    predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
+    predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,
+                                 num_processes_segmentation_export=1)
+"""
+
+
+def test_model_shared_as_zip_predicts_in_a_fresh_tree(chain, hiend_fold, tmp_path):
+    zipped = tmp_path / "model.zip"
+    run("nnUNetv2_export_model_to_zip", "-d", 501, "-o", zipped, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
+        "-f", 0, env=chain["env"])
+    fresh = {k: v for k, v in chain["env"].items() if k not in ("nnUNet_raw", "nnUNet_preprocessed")}
+    fresh["nnUNet_results"] = str(tmp_path / "results")  # another machine: no data, no pretraining file
+    run("nnUNetv2_install_pretrained_model_from_zip", zipped, env=fresh)
+    model = tmp_path / "results" / chain["raw"].name / f"{TRAINER}__{PLANS}__3d_fullres"
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    image = small_image(chain, tmp_path / "in")
+    ext = fresh | {"nnUNet_extTrainer": chain["env_ext"]["nnUNet_extTrainer"]}
+    run("nnUNetv2_predict", "-i", image.parent, "-o", tmp_path / "p1", "-d", 501, "-c", "3d_fullres", "-f", 0,
+        "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
+    run("nnUNetv2_predict_from_modelfolder", "-i", image.parent, "-o", tmp_path / "p2", "-m", model, "-f", 0,
+        "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
+    script = tmp_path / "api.py"
+    script.write_text(PYTHON_API)
+    out = run("python", script, model, image.parent, tmp_path / "p3", env=fresh)  # nnUNet_extTrainer unset
+    assert "without the line: Could not find requested nnunet trainer" in out
+    first = check_same_geometry(tmp_path / "p1" / f"{CASE_B}.nii.gz", image)
+    for other in ("p2", "p3"):
+        assert np.array_equal(check_same_geometry(tmp_path / other / f"{CASE_B}.nii.gz", image), first)
 
 
 def test_resume_and_revalidate_after_the_pretraining_file_moved(chain, hiend_fold):
@@ -170,54 +222,6 @@ def test_full_network_file_gets_a_results_folder_of_its_own(chain, file_fold):
     run("himae-nnunet", "predict", "-i", chain["raw"] / "imagesTs", "-o", pred, "-d", 501, "-f", 0, "-tr",
         FILE_TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 1, "-nps", 1, env=env)
     check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
-
-
-def small_image(chain, folder: Path) -> Path:
-    """A 40-slice crop of patient B: prediction in seconds."""
-    import SimpleITK as sitk
-    image = sitk.ReadImage(str(chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz"))
-    folder.mkdir()
-    sitk.WriteImage(image[:, :, :40], str(folder / f"{CASE_B}_0000.nii.gz"))
-    return folder / f"{CASE_B}_0000.nii.gz"
-
-
-PYTHON_API = """
-import sys
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-predictor = nnUNetPredictor(device=__import__("torch").device("cpu"), use_mirroring=False)
-try:
-    predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
-except RuntimeError as e:
-    print("without the line:", str(e)[:60])
-from himae_nnunet.vit_plans.cli import with_ext_trainer_env; with_ext_trainer_env()  # the one line
-predictor.initialize_from_trained_model_folder(sys.argv[1], (0,))
-predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,
-                             num_processes_segmentation_export=1)
-"""
-
-
-def test_model_shared_as_zip_predicts_in_a_fresh_tree(chain, hiend_fold, tmp_path):
-    zipped = tmp_path / "model.zip"
-    run("nnUNetv2_export_model_to_zip", "-d", 501, "-o", zipped, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
-        "-f", 0, env=chain["env"])
-    fresh = {k: v for k, v in chain["env"].items() if k not in ("nnUNet_raw", "nnUNet_preprocessed")}
-    fresh["nnUNet_results"] = str(tmp_path / "results")  # another machine: no data, no pretraining file
-    run("nnUNetv2_install_pretrained_model_from_zip", zipped, env=fresh)
-    model = tmp_path / "results" / chain["raw"].name / f"{TRAINER}__{PLANS}__3d_fullres"
-    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
-    image = small_image(chain, tmp_path / "in")
-    ext = fresh | {"nnUNet_extTrainer": chain["env_ext"]["nnUNet_extTrainer"]}
-    run("nnUNetv2_predict", "-i", image.parent, "-o", tmp_path / "p1", "-d", 501, "-c", "3d_fullres", "-f", 0,
-        "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
-    run("nnUNetv2_predict_from_modelfolder", "-i", image.parent, "-o", tmp_path / "p2", "-m", model, "-f", 0,
-        "-device", "cpu", "-npp", 1, "-nps", 1, env=ext)
-    script = tmp_path / "api.py"
-    script.write_text(PYTHON_API)
-    out = run("python", script, model, image.parent, tmp_path / "p3", env=fresh)  # nnUNet_extTrainer unset
-    assert "without the line: Could not find requested nnunet trainer" in out
-    first = check_same_geometry(tmp_path / "p1" / f"{CASE_B}.nii.gz", image)
-    for other in ("p2", "p3"):
-        assert np.array_equal(check_same_geometry(tmp_path / other / f"{CASE_B}.nii.gz", image), first)
 
 
 def test_compare_selects_over_explicit_trainer_plans_pairs(chain, hiend_fold, file_fold):

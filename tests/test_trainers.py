@@ -228,17 +228,24 @@ def write_plans_folder(root, plans) -> None:
     ("nnUNetTrainerUNETR", lambda h: h.update(format_version=2, package_version="9.0"),
      r"himae.format_version 2 \(written by himae-nnunet 9.0\).*upgrade"),
     ("nnUNetTrainer", lambda h: None, r"UNETR\(deep_supervision=True\).*-tr nnUNetTrainerHiEndMAE"),
+    ("nnUNetTrainerUNETRPretrainedWeights", lambda h: None, "starts from a full-network file: give "
+                                                            "-pretrained_weights FILE"),
 ])
 def test_stock_run_training_refuses_bad_plans_and_stock_trainers(tmp_path, nnunet_dirs, monkeypatch, trainer,
                                                                  edit, message):
-    """nnU-Net's own run_training (what nnUNetv2_train calls): hand-edited or newer plans and a CNN trainer
-    on our plans stop with our message (stock: KeyError 'strides'), before any data is read."""
+    """nnU-Net's own run_training (what nnUNetv2_train calls): hand-edited or newer plans, a CNN trainer on our
+    plans (stock: KeyError 'strides') and the full-network-file trainer without its file stop with our
+    message, before any data is read."""
     from nnunetv2.run.run_training import run_training
     monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_path())
     ckpt, meta = tiny_checkpoint(tmp_path / "tiny.pt")
     plans = vit_plans(ckpt, meta)
     edit(plans["himae"])
+    plans["configurations"]["3d_fullres"]["batch_dice"] = False  # as nnU-Net writes it (base_plans() has none)
     write_plans_folder(nnunet_dirs["nnUNet_preprocessed"], plans)
+    data = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X" / "P_3d_fullres"
+    data.mkdir()
+    (data / "case.b2nd").write_bytes(b"")  # never read: the refusals come first
     with pytest.raises(UserError, match=message):
         run_training("900", "3d_fullres", 0, trainer, "P", device=torch.device("cpu"))
 

@@ -174,7 +174,9 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
 
     def on_train_start(self):
-        if self.was_initialized and not self.resumed:
+        if not self.was_initialized:  # nnU-Net's on_train_start would; first, to check where weights came from
+            self.initialize()
+        if not self.resumed:
             self.check_weight_source()
         super().on_train_start()
 
