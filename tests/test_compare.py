@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def himae(*args, env) -> str:
     proc = subprocess.run([str(BIN / "himae-nnunet"), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=3600)  # a hang guard: about 5 min on an idle 2-core machine
     assert proc.returncode == 0, f"himae-nnunet {args} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
     return proc.stdout + proc.stderr
 

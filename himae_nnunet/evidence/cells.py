@@ -36,19 +36,24 @@ class Cell:
 
 
 def build_cells(s: Settings, folds: dict) -> list[Cell]:
-    """Draw-major order, so that an interrupted run holds complete draws of every arm."""
+    """Order: budget, then protocol (frozen first: the most sensitive test of what the encoder learned), then
+    draw, then arm; so an interrupted run holds complete, paired draws of the first blocks."""
     first = next(iter(s.pretrained))
     arms = ([(SCRATCH, TRAINERS[SCRATCH], lambda p: s.vit_plans_name(first, p))] if s.scratch else []) + \
            [(arm, TRAINERS["vit"], lambda p, arm=arm: s.vit_plans_name(arm, p)) for arm in s.pretrained]
+    protocols = sorted(s.protocols, key=lambda p: p != "frozen")
     cells = []
-    for draw in range(s.draws):
-        for label, _ in budgets(s):
-            fold = folds[label][draw]["fold"]
-            for protocol in s.protocols:
+    for label, _ in budgets(s):
+        for protocol in protocols:
+            for draw in range(s.draws):
+                fold = folds[label][draw]["fold"]
                 cells += [Cell(arm, protocol, label, draw, fold, trainer, plans(protocol))
                           for arm, trainer, plans in arms]
-            if s.nnunet:
-                cells.append(Cell(NNUNET, "full", label, draw, fold, TRAINERS[NNUNET], NNUNET_PLANS))
+                if s.nnunet and protocol == "full":
+                    cells.append(Cell(NNUNET, "full", label, draw, fold, TRAINERS[NNUNET], NNUNET_PLANS))
+        if s.nnunet and "full" not in protocols:
+            cells += [Cell(NNUNET, "full", label, d, folds[label][d]["fold"], TRAINERS[NNUNET], NNUNET_PLANS)
+                      for d in range(s.draws)]
     return cells
 
 

@@ -10,8 +10,8 @@ def p_value(p: float) -> str:
     return "n/a" if p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
-def report_markdown(s: Settings, folds: dict, summary: list[dict], comparisons: list[dict], times: list[dict],
-                    missing: list[str]) -> str:
+def report_markdown(s: Settings, folds: dict, summary: list[dict], comparisons: list[dict], labels: list[dict],
+                    times: list[dict], missing: list[str]) -> str:
     lines = [f"# Low-label comparison on {s.dataset}", "",
              f"Arms: {', '.join((['scratch'] if s.scratch else []) + list(s.pretrained) + (['nnunet'] if s.nnunet else []))}; "
              f"protocols: {', '.join(s.protocols)} (frozen: encoder LR 0 throughout, only the UNETR decoder trains; "
@@ -26,6 +26,12 @@ def report_markdown(s: Settings, folds: dict, summary: list[dict], comparisons: 
     for r in summary:
         lines.append(f"| {r['arm']} | {r['protocol']} | {r['budget']} | {r['draws']} | {r['n']} | {pct(r['mean'])} "
                      f"| [{pct(r['ci_low'])}, {pct(r['ci_high'])}] |")
+    if labels:
+        names = [k for k in labels[0] if k not in ("arm", "protocol", "budget")]
+        lines += ["", "## Dice (%) per label, mean over draws", "",
+                  "| arm | protocol | budget | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+        lines += [f"| {r['arm']} | {r['protocol']} | {r['budget']} | " + " | ".join(pct(r[n]) for n in names) + " |"
+                  for r in labels]
     lines += ["", "## Paired differences (Dice points, arm - reference), matched by test case, label and draw", "",
               "| arm | protocol | budget | reference | units | mean diff | 95 % CI | Wilcoxon p | wins/losses |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -40,6 +46,7 @@ def report_markdown(s: Settings, folds: dict, summary: list[dict], comparisons: 
         total = {k: sum(t[k] for t in times) for k in times[0]}
         lines.append(f"Cell times (s, sum over {len(times)} cells): " + ", ".join(f"{k} {v:.0f}" for k, v in total.items()))
     if missing:
+        shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
         lines += ["", f"**{len(missing)} cells not finished yet** (re-run the same command to complete them): "
-                  + ", ".join(missing)]
+                  + shown]
     return "\n".join(lines) + "\n"

@@ -63,6 +63,7 @@ def nnunet_env(out: Path, device: str) -> dict:
     if device == "cpu":
         os.environ.setdefault("nnUNet_compile", "f")
         os.environ.setdefault("nnUNet_n_proc_DA", "1")
+        os.environ.setdefault("nnUNet_def_n_proc", "1")  # else nnU-Net's validation export starts 8 processes
     return dict(os.environ)
 
 

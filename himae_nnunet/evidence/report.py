@@ -68,6 +68,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def per_label(rows: list[dict]) -> list[dict]:
+    """Mean Dice per label over draws (and test cases), per arm x protocol x budget: which organs are found."""
+    import numpy as np
+    out = []
+    for arm, protocol, budget in groups(rows):
+        mine = [r for r in rows if (r["arm"], r["protocol"], r["budget"]) == (arm, protocol, budget)]
+        names = list(dict.fromkeys(r["label_name"] for r in mine))
+        means = {n: float(np.nanmean([np.nan if r["Dice"] is None else r["Dice"] for r in mine
+                                      if r["label_name"] == n])) for n in names}
+        out.append(dict(arm=arm, protocol=protocol, budget=budget, **means))
+    return out
+
+
 def compare_all(rows: list[dict]) -> list[dict]:
     """Every arm against scratch (same protocol) and against nnunet (full), on their common units."""
     out = []
@@ -104,7 +117,7 @@ def write_report(out: Path, s: Settings, folds: dict, cells: list[Cell]) -> list
         (out / f"{stem}.json").write_text(json.dumps(table, indent=1))
         written += [out / f"{stem}.csv", out / f"{stem}.json"]
     times = [json.loads((out / "cells" / c.name / "cell.json").read_text())["seconds"] for c in finished]
-    (out / "report.md").write_text(report_markdown(s, folds, summary, comparisons, times,
+    (out / "report.md").write_text(report_markdown(s, folds, summary, comparisons, per_label(rows), times,
                                                    [c.name for c in cells if c not in finished]))
     written.append(out / "report.md")
     if summary:
