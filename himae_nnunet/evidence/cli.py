@@ -1,4 +1,5 @@
 """`himae-nnunet compare` (low-label comparison of pretraining arms) and `evidence-dataset` (the real-CT data)."""
+import shutil
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
@@ -63,22 +64,36 @@ def parse_arms(values: list[str]) -> dict:
     return arms
 
 
-def cmd_compare(args) -> None:
+def checked_dataset(args, out: Path) -> tuple[str, Path, dict]:
+    """Dataset name, its raw folder and the nnU-Net environment; an output folder this call made is removed
+    again when the dataset cannot be used."""
     from himae_nnunet.core.nnunet_env import dataset_name, require_folder
+    from himae_nnunet.evidence import prepare
+    raw_root, made = require_folder("nnUNet_raw"), not out.exists()
+    env = prepare.nnunet_env(out, args.device)  # before the dataset lookup: our own preprocessed folder
+    try:
+        name = dataset_name(args.dataset)
+        for sub in ("imagesTs", "labelsTs"):
+            if not any((raw_root / name / sub).glob("*")):
+                raise UserError(f"{raw_root / name / sub} is missing or empty: the comparison tests on "
+                                f"imagesTs/labelsTs")
+    except UserError:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return name, raw_root / name, env
+
+
+def cmd_compare(args) -> None:
     from himae_nnunet.evidence import cells as cells_mod, prepare, report
     if not args.shots and not args.percent:
         raise UserError("give at least one label budget: --shots 1 2 5 and/or --percent 10")
     if args.draws < 1:
         raise UserError(f"--draws {args.draws} must be at least 1")
-    raw = require_folder("nnUNet_raw")
+    arms = parse_arms(args.pretrained)  # every check before the output folder is made
     out = Path(args.output).resolve()
-    env = prepare.nnunet_env(out, args.device)  # before the dataset lookup: our own preprocessed folder
-    name = dataset_name(args.dataset)
-    raw = raw / name
-    for sub in ("imagesTs", "labelsTs"):
-        if not any((raw / sub).glob("*")):
-            raise UserError(f"{raw / sub} is missing or empty: the comparison tests on imagesTs/labelsTs")
-    s = prepare.Settings(dataset=name, pretrained=parse_arms(args.pretrained), shots=args.shots,
+    name, raw, env = checked_dataset(args, out)
+    s = prepare.Settings(dataset=name, pretrained=arms, shots=args.shots,
                          percent=args.percent, draws=args.draws, seed=args.seed, protocols=args.protocols,
                          scratch=args.scratch, nnunet=args.nnunet, patch_size=args.patch_size,
                          batch_size=args.batch_size, feature_size=args.feature_size, epochs=args.epochs,

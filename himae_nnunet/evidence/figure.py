@@ -21,14 +21,20 @@ def plot_dice_vs_budget(summary: list[dict], path: Path) -> None:
             x = [xs[r["budget"]] + (k - (len(arms) - 1) / 2) * 0.06 for r in pts]  # small dodge
             y = [100 * r["mean"] for r in pts]
             err = [[100 * (r["mean"] - r["ci_low"]) for r in pts], [100 * (r["ci_high"] - r["mean"]) for r in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm + (" (full)" if arm == "nnunet" else ""),
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{k}",  # one colour per arm, every panel
+                        label=arm + (" (full)" if arm == "nnunet" else ""),
                         linestyle="--" if arm == "nnunet" else "-")
         ax.set_xticks(range(len(budgets)), [f"{b}\n({n} case{'s' * (n > 1)})" for n, b in budgets])
+        ax.set_xlim(-0.5, len(budgets) - 0.5)  # fixed, so the dodge stays small with a single budget
         ax.set_title(f"protocol: {protocol}" + (" encoder" if protocol == "frozen" else " fine-tuning"))
         ax.set_xlabel("label budget")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("foreground Dice (%), mean and 95 % CI")
-    axes[0][-1].legend(fontsize=8)
+    handles = {}
+    for ax in axes[0]:  # every arm once, whichever panel holds it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8)
     fig.suptitle("Dice vs label budget (nnU-Net's evaluator on the test set)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
