@@ -26,7 +26,8 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.core.nnunet_env import dataset_name, require_folder
+from himae_nnunet.core.atomic import replacing
+from himae_nnunet.core.nnunet_env import dataset_id, dataset_name, require_folder
 from himae_nnunet.pretrain.prepare import CONFIGURATION, PLANS_BASE_NAME, PLANS_KEY
 
 
@@ -46,7 +47,7 @@ class Source:
 def find_plans(pre_folder: Path, plans_name: str | None) -> Path:
     """The pretraining plans of a dataset: `plans_name`, or the only/default one written by prepare-pretrain."""
     ds = pre_folder.name
-    hint = f"run `himae-nnunet prepare-pretrain --dataset {int(ds[7:10])}` first"
+    hint = f"run `himae-nnunet prepare-pretrain --dataset {dataset_id(ds)}` first"
     if plans_name:
         f = pre_folder / f"{plans_name}.json"
         if not f.is_file():
@@ -80,7 +81,7 @@ def find_sources(datasets, weights=None, plans_name: str | None = None, skip_bad
         folder = pre_root / name / plans["configurations"][CONFIGURATION]["data_identifier"]
         if not folder.is_dir() or not any(folder.glob("*.pkl")):
             raise UserError(f"{folder} holds no preprocessed cases; run `himae-nnunet prepare-pretrain "
-                            f"--dataset {int(name[7:10])}`")
+                            f"--dataset {dataset_id(name)}`")
         try:
             cls = infer_dataset_class(str(folder))
         except AssertionError:
@@ -208,11 +209,9 @@ class CropIndex:
 
     def save(self, path: Path, stamp: list) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, shape=np.array(self.shape), tissue=self.tissue, air=self.air,
                      counts=np.array([self.n_tissue, self.n_air]), stamp=np.array(_stamp_text(stamp)))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path, stamp: list | None = None) -> "CropIndex | None":

@@ -13,11 +13,12 @@ import shutil
 from copy import deepcopy
 from pathlib import Path
 
+from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
 from himae_nnunet.core.ct_plans import ensure_base_plans, nnunet_command, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.scans.imageio import check_ct_hu, find_scans, read_scan
-from himae_nnunet.core.nnunet_env import dataset_name, require_folder, require_free_dataset_id
+from himae_nnunet.core.nnunet_env import dataset_id, dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
 CONFIGURATION = "3d_fullres"
@@ -130,7 +131,7 @@ def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, cro
     if check_images:
         check_raw_dataset(raw_folder, allow_non_ct)
     pre_folder = pre_root / name
-    ds_id = int(name[7:10])
+    ds_id = dataset_id(name)
     base = ensure_base_plans(pre_folder, source_plans, num_processes)
     if not (pre_folder / "dataset.json").is_file():
         shutil.copy(raw_folder / "dataset.json", pre_folder / "dataset.json")
@@ -148,9 +149,7 @@ def prepare_dataset(dataset, spacing=DEFAULT_SPACING, window=DEFAULT_WINDOW, cro
         if preprocessed_complete(data_folder, cases):
             print(f"  already prepared: {data_folder} ({len(cases)} cases); --overwrite redoes it")
             return data_folder
-    tmp = plans_file.with_name(f".{plans_file.name}.tmp")
-    tmp.write_text(json.dumps(plans, indent=2))
-    os.replace(tmp, plans_file)
+    write_text_atomic(plans_file, json.dumps(plans, indent=2))
     try:
         nnunet_command("nnUNetv2_preprocess", "-d", ds_id, "-plans_name", plans_name, "-c", CONFIGURATION,
                        "-np", num_processes)

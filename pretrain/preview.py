@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from himae_nnunet.core.atomic import replacing
+
 
 @torch.no_grad()
 def save_preview(model, x: torch.Tensor, perm: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -46,8 +48,7 @@ def save_preview(model, x: torch.Tensor, perm: torch.Tensor, path: str | Path, t
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -2,12 +2,12 @@
 per-step values that wait on the device until the next log point."""
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.pretrain.run_state import LOG, last_good
 
@@ -29,9 +29,7 @@ def open_log(path: Path, start: int):
                     keep.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut off by a kill
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(k + "\n" for k in keep))
     return open(path, "a")
 
 
