@@ -9,7 +9,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-version = re.search(r'__version__ = "([^"]+)"', Path("himae_nnunet/__init__.py").read_text()).group(1)
+version = re.search(r'__version__ = "([^"]+)"', Path("himae_nnunet/core/version.py").read_text()).group(1)
 
 setup(
     name="himae-nnunet",

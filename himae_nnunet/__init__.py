@@ -1,7 +1,7 @@
 """himae-nnunet: Hi-End-MAE self-supervised pretraining and UNETR fine-tuning inside nnU-Net v2."""
 import warnings
 
-__version__ = "0.1.0"
+from himae_nnunet.core.version import __version__  # noqa: F401
 
 # timm's import (through nnU-Net's network package too) triggers torch's torch.jit.interface notice: noise
 warnings.filterwarnings("ignore", message=".*torch.jit.interface.* is deprecated", category=FutureWarning)

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.version import __version__
 
 # modules with a register(subparsers) function, in the order of the workflow
 COMMAND_MODULES = [
@@ -26,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="himae-nnunet",
         description="Hi-End-MAE self-supervised pretraining and UNETR fine-tuning for nnU-Net v2.")
-    from himae_nnunet import __version__
     parser.add_argument("--version", action="version", version=f"himae-nnunet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -17,6 +17,7 @@ import torch
 
 from himae_nnunet.core import faults
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.version import __version__
 from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
 from himae_nnunet.models.presets import ConfigError, model_config
@@ -97,7 +98,6 @@ def safe_torch_load(path: str | os.PathLike):
 
 
 def package_version() -> str:
-    from himae_nnunet import __version__
     return __version__
 
 
