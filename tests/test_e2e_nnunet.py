@@ -224,12 +224,12 @@ def test_full_network_file_gets_a_results_folder_of_its_own(chain, file_fold):
     check_same_geometry(pred / f"{CASE_B}.nii.gz", chain["raw"] / "imagesTs" / f"{CASE_B}_0000.nii.gz")
 
 
-def test_compare_selects_over_explicit_trainer_plans_pairs(chain, hiend_fold, file_fold):
+def test_find_best_selects_over_explicit_trainer_plans_pairs(chain, hiend_fold, file_fold):
     env = chain["env"]
-    out = run("himae-nnunet", "compare", 501, "-f", 0, env=env, fails=True)  # default: with nnU-Net's CNN
+    out = run("himae-nnunet", "find-best", 501, "-f", 0, env=env, fails=True)  # default: with nnU-Net's CNN
     assert "nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0 has no validation results; train that fold first: " \
            "nnUNetv2_train 501 3d_fullres 0 -tr nnUNetTrainer -p nnUNetPlans" in out
-    out = run("himae-nnunet", "compare", 501, "-f", 0, "--model", f"{TRAINER}:{PLANS}", "--model",
+    out = run("himae-nnunet", "find-best", 501, "-f", 0, "--model", f"{TRAINER}:{PLANS}", "--model",
               f"{FILE_TRAINER}:{PLANS}", env=env)
     assert "best: " in out and f"{TRAINER}__{PLANS}__3d_fullres" in out and f"{FILE_TRAINER}__{PLANS}" in out
     info = json.loads((chain["root"] / "nnUNet_results" / chain["raw"].name / "inference_information.json").read_text())

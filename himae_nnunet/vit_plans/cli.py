@@ -119,7 +119,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", help="nnU-Net's find_best_configuration over explicit trainer/plans pairs "
+    p = sub.add_parser("find-best", help="nnU-Net's find_best_configuration over explicit trainer/plans pairs "
                                        "(ours and nnU-Net's CNN baseline)")
     p.add_argument("dataset")
     p.add_argument("--model", action="append", metavar="TRAINER:PLANS[:CONFIGURATION]",
@@ -129,7 +129,7 @@ def register(sub) -> None:
     p.add_argument("--ensembles", action="store_true",
                    help="also evaluate pairwise ensembles (needs every fold trained with --npz)")
     p.add_argument("-np", type=int, help="processes (default: nnU-Net's)")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_find_best)
 
     for name, target in (("train", "nnUNetv2_train"), ("predict", "nnUNetv2_predict")):
         p = sub.add_parser(name, help=f"{target} with nnUNet_extTrainer set (defaults -tr {DEFAULT_TRAINER} "
@@ -243,7 +243,7 @@ def check_trained(name: str, model: dict, folds, ensembles: bool) -> None:
                             f"(or train with --npz)")
 
 
-def cmd_compare(args) -> None:
+def cmd_find_best(args) -> None:
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.evaluation.find_best_configuration import find_best_configuration
     from himae_nnunet.core.nnunet_env import dataset_name
