@@ -181,6 +181,7 @@ def summary(results: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
+    """Option declarations, then each part in turn; long because every part has its own sizes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for a 2-core CPU (< 10 min)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

@@ -53,6 +53,7 @@ def sh(*cmd, env) -> float:
 
 
 def main() -> None:
+    """The experiment as a script to read top to bottom: each stage is one command, in order."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the nnU-Net folders, runs and results")
     ap.add_argument("--scale", choices=list(SCALES), default="small")

@@ -20,6 +20,7 @@ def _prep_options(p, with_crop=True) -> None:
 
 
 def register(sub) -> None:
+    """Declarations only (one call per option), long because the three commands have many options."""
     p = sub.add_parser("prepare-pretrain", help="write pretraining plans and run nnU-Net preprocessing for "
                                                 "datasets in nnUNet_raw (existing plans and data stay untouched)")
     p.add_argument("--dataset", "-d", action="append", required=True, help="dataset id or name; repeatable")
