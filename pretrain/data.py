@@ -25,10 +25,10 @@ from batchgeneratorsv2.transforms.spatial.rot90 import Rot90Transform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.atomic import replacing
-from himae_nnunet.core.nnunet_env import dataset_id, dataset_name, require_folder
-from himae_nnunet.pretrain.prepare import CONFIGURATION, PLANS_BASE_NAME, PLANS_KEY
+from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id, dataset_name, require_folder
+from himae_nnunet.pretrain.prepare import PLANS_BASE_NAME, PLANS_KEY
 
 
 @dataclass

@@ -17,11 +17,10 @@ from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
 from himae_nnunet.core.ct_plans import ensure_base_plans, nnunet_command, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id, dataset_name, require_folder, require_free_dataset_id
 from himae_nnunet.scans.imageio import check_ct_hu, find_scans, read_scan
-from himae_nnunet.core.nnunet_env import dataset_id, dataset_name, require_folder, require_free_dataset_id
 
 PLANS_BASE_NAME = "nnUNetPlans_himaePretrain"
-CONFIGURATION = "3d_fullres"
 PLANS_KEY = "himae_pretrain"  # our block inside the plans JSON: spacing, window, source plans
 BODY_THRESHOLD_HU = -500.0  # import-scans: voxels above it form the body mask written as labelsTr
 

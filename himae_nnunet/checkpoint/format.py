@@ -16,15 +16,14 @@ from pathlib import Path
 import torch
 
 from himae_nnunet.core import faults
+from himae_nnunet.core.atomic import TMP_PREFIX, replacing
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.version import __version__
-from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
-from himae_nnunet.models.presets import ConfigError, model_config
+from himae_nnunet.models.hiend_mae import HiEndMAE
 
 FORMAT = "himae-nnunet"
 FORMAT_VERSION = 1
-TMP_PREFIX = "."  # temporary files: .NAME.tmpPID beside NAME
 
 
 class CheckpointError(UserError):
@@ -142,9 +141,8 @@ def atomic_torch_save(path: str | os.PathLike, payload: dict, what: str = "check
     except OSError as e:
         raise CheckpointError(f"cannot create the folder {path.parent} for the {what} ({e.strerror}); "
                               f"choose another output path") from None
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             if faults.kill_in_checkpoint_write(step):  # tests: kill -9 with half the file written
                 buf = io.BytesIO()
                 torch.save(payload, buf)
@@ -155,17 +153,11 @@ def atomic_torch_save(path: str | os.PathLike, payload: dict, what: str = "check
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # full disk, read-only or vanished folder; torch's zip writer says RuntimeError
         kept = (f"the previous {path.name} is kept unchanged" if path.is_file() else
                 f"no {path.name} was written")
         raise CheckpointError(f"cannot write the {what} {path} ({write_error_reason(e, path.parent)}); "
                               f"{kept} and no partial file is left") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def write_error_reason(e: Exception, folder: Path) -> str:
@@ -184,7 +176,7 @@ def write_error_reason(e: Exception, folder: Path) -> str:
 def remove_stale_temporaries(folder: Path) -> list[str]:
     """Delete temporary checkpoint files left by a process killed while writing (kill -9, power loss)."""
     removed = []
-    for f in Path(folder).glob(f"{TMP_PREFIX}*.pt.tmp*"):
+    for f in Path(folder).glob(f"{TMP_PREFIX}*.pt.tmp*"):  # what core.atomic.temporary_beside names
         try:
             f.unlink()
             removed.append(f.name)

@@ -5,6 +5,7 @@ from pathlib import Path
 from himae_nnunet.core.errors import UserError
 
 FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+CONFIGURATION = "3d_fullres"  # the nnU-Net configuration our plans (pretraining and ViT) define
 
 
 def require_folder(var: str) -> Path:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from himae_nnunet.core.atomic import write_text_atomic
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id
 from himae_nnunet.evidence.prepare import NNUNET_PLANS, Settings, budgets, sh
-from himae_nnunet.vit_plans.planning import CONFIGURATION
+
 
 SCRATCH, NNUNET = "scratch", "nnunet"
 TRAINERS = {"vit": "nnUNetTrainerHiEndMAE", SCRATCH: "nnUNetTrainerUNETR", NNUNET: "nnUNetTrainer_HimaeBudget"}
@@ -67,7 +69,7 @@ def run_cell(out: Path, s: Settings, raw: Path, cell: Cell, env: dict) -> dict:
     shutil.rmtree(folder, ignore_errors=True)  # a half-finished cell starts again
     shutil.rmtree(fold, ignore_errors=True)
     folder.mkdir(parents=True)
-    ds, dev = s.dataset[7:10], s.device
+    ds, dev = str(dataset_id(s.dataset)), s.device
     times = dict(train=sh(["nnUNetv2_train", ds, CONFIGURATION, cell.fold, "-tr", cell.trainer, "-p", cell.plans,
                            "-device", dev], folder / "train.log", env))
     times["predict"] = sh(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", folder / "predictions", "-d", ds,
@@ -79,9 +81,7 @@ def run_cell(out: Path, s: Settings, raw: Path, cell: Cell, env: dict) -> dict:
                             folder / "summary.json", "-np", 1], folder / "evaluate.log", env)
     record = dict(asdict(cell), seconds={k: round(v, 1) for k, v in times.items()},
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    tmp = folder / ".cell.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(folder / "cell.json")
+    write_text_atomic(folder / "cell.json", json.dumps(record, indent=2))  # written last: the cell is done
     return record
 
 

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.vit_plans.planning import CONFIGURATION
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id
+
 
 BIN = Path(sys.executable).parent
 PROTOCOLS = ("full", "frozen")
@@ -111,7 +112,7 @@ def once(out: Path, name: str, step) -> None:
 
 def prepare_plans(out: Path, s: Settings, env: dict) -> None:
     """Base nnU-Net plans, ViT plans per pretrained arm x protocol, nnU-Net budget plans; preprocessed data."""
-    ds_id, logs = s.dataset[7:10], out / "setup"
+    ds_id, logs = str(dataset_id(s.dataset)), out / "setup"
     if env.get("nnUNet_n_proc_DA", "1").strip() in ("0", ""):  # nnU-Net's planner sets torch threads from it
         env = {**env, "nnUNet_n_proc_DA": "1"}
     once(out, "nnUNetPlans", lambda: (
@@ -127,7 +128,7 @@ def prepare_plans(out: Path, s: Settings, env: dict) -> None:
 
 
 def vit_plan_command(s: Settings, ckpt: str, plans_name: str, protocol: str) -> list:
-    cmd = ["himae-nnunet", "plan", s.dataset[7:10], "--checkpoint", ckpt, "--plans-name", plans_name,
+    cmd = ["himae-nnunet", "plan", str(dataset_id(s.dataset)), "--checkpoint", ckpt, "--plans-name", plans_name,
            "--batch-size", s.batch_size, "--feature-size", s.feature_size, "--epochs", s.epochs,
            "--iterations-per-epoch", s.iterations_per_epoch, "--val-iterations-per-epoch", s.val_iterations_per_epoch,
            "--freeze-encoder-epochs", s.epochs if protocol == "frozen" else 0, "--overwrite", "--preprocess",
@@ -156,7 +157,7 @@ def write_nnunet_plans(out: Path, s: Settings, env: dict) -> None:
     plans.update(plans_name=NNUNET_PLANS, configurations={CONFIGURATION: cfg},
                  himae=dict(finetune=s.budget(), note="budget for nnUNetTrainer_HimaeBudget (himae-nnunet compare)"))
     (folder / f"{NNUNET_PLANS}.json").write_text(json.dumps(plans, indent=2))
-    sh(["nnUNetv2_preprocess", "-d", s.dataset[7:10], "-plans_name", NNUNET_PLANS, "-c", CONFIGURATION,
+    sh(["nnUNetv2_preprocess", "-d", str(dataset_id(s.dataset)), "-plans_name", NNUNET_PLANS, "-c", CONFIGURATION,
         "-np", s.num_processes], out / "setup" / f"plan_{NNUNET_PLANS}.log", env)
 
 

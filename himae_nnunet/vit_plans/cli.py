@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.vit_plans.planning import CONFIGURATION, DEFAULT_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id
+from himae_nnunet.vit_plans.planning import DEFAULT_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
 
 DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
 PRETRAINED_WEIGHTS_TRAINER = "nnUNetTrainerUNETRPretrainedWeights"
@@ -164,9 +165,9 @@ def cmd_plan(args) -> None:
     print(f"  checkpoint {plans['himae']['checkpoint']} (sha256 {plans['himae']['checkpoint_sha256'][:16]}...)")
     print("next:")
     if not args.preprocess:
-        print(f"  nnUNetv2_preprocess -d {ds[7:10]} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
+        print(f"  nnUNetv2_preprocess -d {dataset_id(ds)} -plans_name {plans['plans_name']} -c {CONFIGURATION}")
     trainer = f"{DEFAULT_TRAINER}_paper" if args.paper_epochs else DEFAULT_TRAINER  # --paper-epochs: their protocol
-    print(f"  nnUNetv2_train {ds[7:10]} {CONFIGURATION} FOLD -tr {trainer} -p {plans['plans_name']}")
+    print(f"  nnUNetv2_train {dataset_id(ds)} {CONFIGURATION} FOLD -tr {trainer} -p {plans['plans_name']}")
     print(gpu_note(cfg["batch_size"]))
     hint = ext_trainer_hint()
     if hint:
@@ -193,7 +194,7 @@ def cmd_split(args) -> None:
         print(f"fold {index}{'' if new else ' (already present)'}: train {len(fold['train'])} [{shown}], "
               f"val {len(fold['val'])}")
     print(f"folds {' '.join(str(i) for i, _, _ in folds)} in {splits_file(name)}; train one with "
-          f"`nnUNetv2_train {name[7:10]} {CONFIGURATION} {folds[0][0]} -tr {DEFAULT_TRAINER} -p {DEFAULT_PLANS_NAME}`")
+          f"`nnUNetv2_train {dataset_id(name)} {CONFIGURATION} {folds[0][0]} -tr {DEFAULT_TRAINER} -p {DEFAULT_PLANS_NAME}`")
 
 
 def cmd_ext_trainer_path(args) -> None:
@@ -218,7 +219,7 @@ def cmd_export(args) -> None:
     ckpt = args.checkpoint or plans["himae"]["checkpoint"]
     export_full_network(plans, json.loads(dataset_json.read_text()), ckpt, out, pretrained, args.configuration)
     print(f"wrote {out}; use it with stock nnU-Net and the trainer named for it (a results folder of its own):\n"
-          f"  nnUNetv2_train {plans['dataset_name'][7:10]} {args.configuration} FOLD -tr "
+          f"  nnUNetv2_train {dataset_id(plans['dataset_name'])} {args.configuration} FOLD -tr "
           f"{PRETRAINED_WEIGHTS_TRAINER} -p {plans['plans_name']} -pretrained_weights {out}")
 
 
@@ -234,7 +235,7 @@ def check_trained(name: str, model: dict, folds, ensembles: bool) -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
     for fold in folds:
         folder = Path(get_output_folder(name, model["trainer"], model["plans"], model["configuration"], fold))
-        train = (f"nnUNetv2_train {name[7:10]} {model['configuration']} {fold} -tr {model['trainer']} -p "
+        train = (f"nnUNetv2_train {dataset_id(name)} {model['configuration']} {fold} -tr {model['trainer']} -p "
                  f"{model['plans']}" + (" --npz" if ensembles else ""))
         if not (folder / "validation" / "summary.json").is_file():
             raise UserError(f"{folder} has no validation results; train that fold first: {train}")

@@ -11,15 +11,15 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
+from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.checkpoint.format import package_version, sha256
 from himae_nnunet.core.ct_plans import ensure_base_plans, set_ct_preprocessing
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.core.nnunet_env import dataset_name, require_folder
+from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id, dataset_name, require_folder
 from himae_nnunet.vit_plans.weights import read_pretrained
 
 DEFAULT_PLANS_NAME = "HiEndMAEPlans"
 BASE_PLANS_NAME = "nnUNetPlans"
-CONFIGURATION = "3d_fullres"
 UNETR_CLASS = "himae_nnunet.models.unetr.UNETR"
 # `plan --unetr`: the decoder and what goes with it (models/unetr.py says why "authors" is the default)
 UNETR_DEFAULTS = {"authors": dict(decoder="authors", keep_cls_token=False, norm_eps=1e-5),
@@ -246,9 +246,7 @@ def write_plans(dataset: str, plans: dict, overwrite: bool = False) -> Path:
         if not overwrite:
             raise UserError(f"{out} exists with other settings; pass --overwrite to replace it (then re-run "
                             f"preprocessing), or choose another --plans-name")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(plans, indent=4))
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(plans, indent=4))
     return out
 
 
@@ -280,7 +278,7 @@ def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_pl
               f"preprocessed data; not preprocessing it again")
     elif preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nn_preprocess
-        nn_preprocess([int(name[7:10])], plans_name, [CONFIGURATION], [num_processes])
+        nn_preprocess([dataset_id(name)], plans_name, [CONFIGURATION], [num_processes])
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.nnunet_env import require_folder
 
@@ -104,8 +105,5 @@ def add_folds(dataset: str, **options) -> tuple[list[tuple[int, dict, bool]], st
         else:
             splits.append(fold)
             result.append((len(splits) - 1, fold, True))
-    path = splits_file(dataset)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
-    tmp.replace(path)
+    write_text_atomic(splits_file(dataset), json.dumps(splits, indent=2))
     return result, note
