@@ -24,13 +24,8 @@ cd "$work"
 export nnUNet_raw=$PWD/nnUNet_raw nnUNet_preprocessed=$PWD/nnUNet_preprocessed nnUNet_results=$PWD/nnUNet_results
 nvidia-smi > logs/nvidia-smi.txt 2>&1 || true
 
-if [[ ! -d nnUNet_raw/Dataset601_PretrainCT ]]; then
-  for rel in ct_abdomen_ts_full/example_ct.nii.gz ct_spleen_msd/sub-spleen2_ct.nii.gz ct_aorta_cta/ct_cropped.nii.gz \
-             ct_pulmonary/ct_cropped.nii.gz ct_lung_radiomics1/lung1_image.nrrd; do
-    ln -sf "$data/$rel" "pretrain_scans/${rel//\//__}"
-  done
-  himae-nnunet import-scans -i pretrain_scans --dataset-id 601 --name PretrainCT --spacing 1.5 1.5 1.5 --crop-size 96 -np 8
-fi
+. "$repo/docs/evidence/pretraining_scans.sh"
+import_pretraining_cts 1.5 96 8
 arms=()
 for m in hiend mae; do
   resume=(); [[ -f pretrain_$m/checkpoint_latest.pt ]] && resume=(--resume)

@@ -4,20 +4,16 @@
 # Step 1 (pretraining, both methods, same data/model/steps) is skipped when its checkpoints exist.
 set -euo pipefail
 work="${1:?give the work folder}"
+here="$(cd "$(dirname "$0")" && pwd)"
 data="${DATA:-$(cd "$(dirname "$0")/../../.." && pwd)/shared/data}"
 mkdir -p "$work"/{nnUNet_raw,nnUNet_preprocessed,nnUNet_results,logs,pretrain_scans}
 cd "$work"
 export nnUNet_raw=$PWD/nnUNet_raw nnUNet_preprocessed=$PWD/nnUNet_preprocessed nnUNet_results=$PWD/nnUNet_results
 export nnUNet_compile=f nnUNet_def_n_proc=1 OMP_NUM_THREADS=1
 
-# 1. unlabelled pretraining CTs (patient B, the test patient, left out; A's labels are never read)
-if [[ ! -d nnUNet_raw/Dataset601_PretrainCT ]]; then
-  for rel in ct_abdomen_ts_full/example_ct.nii.gz ct_spleen_msd/sub-spleen2_ct.nii.gz ct_aorta_cta/ct_cropped.nii.gz \
-             ct_pulmonary/ct_cropped.nii.gz ct_lung_radiomics1/lung1_image.nrrd; do
-    ln -sf "$data/$rel" "pretrain_scans/${rel//\//__}"
-  done
-  himae-nnunet import-scans -i pretrain_scans --dataset-id 601 --name PretrainCT --spacing 3 3 3 --crop-size 32 -np 1
-fi
+# 1. unlabelled pretraining CTs at 3 mm
+. "$here/pretraining_scans.sh"
+import_pretraining_cts 3 32 1
 # a 3000-step cosine schedule stopped at step 2000 for time (the recorded run: Hi-End-MAE was stopped at 2000,
 # MAE at 1500 and resumed with --stop-at 2000, which continues the same schedule)
 for m in hiend mae; do
