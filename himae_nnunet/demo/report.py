@@ -65,21 +65,11 @@ def training_losses(fold_dir: Path) -> dict:
     return {"train": get("train_loss"), "val": get("val_loss")}
 
 
-def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
+def loss_figure(demo, ckpt: Path, out: Path) -> None:
+    """Pretraining (log.jsonl) and fine-tuning (nnU-Net's log) loss curves side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    labels = {v: k for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()}
-    results = {name: dice_table(demo.work / "predictions" / tr / "summary.json") for name, tr in TRAINERS.items()}
-    figs = {}
-
-    previews = sorted((ckpt.parent / "previews").glob("*.png"))
-    if previews:
-        figs["reconstruction"] = demo.figures / "pretraining_reconstruction.png"
-        shutil.copy(previews[-1], figs["reconstruction"])
-
-    # loss curves: pretraining (log.jsonl) and fine-tuning (nnU-Net's log) side by side
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     steps = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines() if line.strip()]
     axes[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
@@ -95,14 +85,11 @@ def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
                  va="bottom")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    figs["losses"] = demo.figures / "loss_curves.png"
-    fig.savefig(figs["losses"], dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
-    figs["overlays"] = demo.figures / "prediction_overlays.png"
-    overlay_figure(raw, demo.work / "predictions", figs["overlays"], labels)
-    stats = comparison(demo.work)
 
+def print_summary(demo, results: dict, stats: dict, labels: dict, figs: dict, total_s: float) -> None:
     print("\n" + "=" * 72)
     print(f"himae-nnunet demo finished in {total_s / 60:.1f} min  ({demo.work})")
     print("\nDice per label on the held-out test scans (nnUNetv2_evaluate_folder):")
@@ -127,6 +114,22 @@ def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
     print("\nFigures:")
     for name, path in figs.items():
         print(f"  {name:16s} {path}")
+
+
+def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
+    labels = {v: k for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()}
+    results = {name: dice_table(demo.work / "predictions" / tr / "summary.json") for name, tr in TRAINERS.items()}
+    figs = {}
+    previews = sorted((ckpt.parent / "previews").glob("*.png"))
+    if previews:
+        figs["reconstruction"] = demo.figures / "pretraining_reconstruction.png"
+        shutil.copy(previews[-1], figs["reconstruction"])
+    figs["losses"] = demo.figures / "loss_curves.png"
+    loss_figure(demo, ckpt, figs["losses"])
+    figs["overlays"] = demo.figures / "prediction_overlays.png"
+    overlay_figure(raw, demo.work / "predictions", figs["overlays"], labels)
+    stats = comparison(demo.work)
+    print_summary(demo, results, stats, labels, figs, total_s)
     report = {"dice": results, "comparison": stats, "times_s": demo.times, "figures": {k: str(v) for k, v in figs.items()},
               "total_s": total_s}
     (demo.work / "demo_results.json").write_text(json.dumps(report, indent=2))

@@ -49,6 +49,11 @@ def paper_epochs_arg(text: str) -> int:
 
 
 def register(sub) -> None:
+    for add in (register_plan, register_split, register_export, register_find_best, register_passthrough):
+        add(sub)
+
+
+def register_plan(sub) -> None:
     p = sub.add_parser("plan", help="write ViT plans (spacing, window, patch, UNETR) for a dataset and checkpoint")
     p.add_argument("dataset", help="dataset id or name (DatasetXXX_Name)")
     p.add_argument("--checkpoint", required=True, help="pretrained checkpoint (ours or the authors' format)")
@@ -96,6 +101,8 @@ def register(sub) -> None:
                                          "nnUNet_def_n_proc or 8)")
     p.set_defaults(func=cmd_plan)
 
+
+def register_split(sub) -> None:
     p = sub.add_parser("split", help="add few-shot folds (one-shot, N %%, explicit cases) to splits_final.json")
     p.add_argument("dataset")
     g = p.add_mutually_exclusive_group(required=True)
@@ -107,6 +114,8 @@ def register(sub) -> None:
     p.add_argument("--from-fold", type=int, help="draw from this fold's training cases, validate on its val cases")
     p.set_defaults(func=cmd_split)
 
+
+def register_export(sub) -> None:
     p = sub.add_parser("ext-trainer-path", help="print the folder to put in nnUNet_extTrainer")
     p.add_argument("--export", action="store_true", help="print a shell `export` line instead")
     p.set_defaults(func=cmd_ext_trainer_path)
@@ -120,6 +129,8 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
+
+def register_find_best(sub) -> None:
     p = sub.add_parser("find-best", help="nnU-Net's find_best_configuration over explicit trainer/plans pairs "
                                        "(ours and nnU-Net's CNN baseline)")
     p.add_argument("dataset")
@@ -132,6 +143,8 @@ def register(sub) -> None:
     p.add_argument("-np", type=int, help="processes (default: nnU-Net's)")
     p.set_defaults(func=cmd_find_best)
 
+
+def register_passthrough(sub) -> None:
     for name, target in (("train", "nnUNetv2_train"), ("predict", "nnUNetv2_predict")):
         p = sub.add_parser(name, help=f"{target} with nnUNet_extTrainer set (defaults -tr {DEFAULT_TRAINER} "
                                       f"-p {DEFAULT_PLANS_NAME}); other arguments pass through",

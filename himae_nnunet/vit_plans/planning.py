@@ -113,6 +113,21 @@ def unetr_arch_kwargs(unetr: str, keep_cls_token: bool | None) -> dict:
     return kwargs
 
 
+def resolve_patch_size(patch_size, crop, median, p: int, max_tokens: int | None, warn) -> list[int]:
+    """The fine-tuning patch: as given, or grown from the pretraining crop; a multiple of the ViT patch."""
+    if patch_size is None:
+        budget = max_tokens or 2 * math.prod(c // p for c in crop)
+        patch_size = default_patch_size(crop, median, p, budget)
+    patch_size = [int(s) for s in patch_size]
+    if len(patch_size) != 3 or any(s <= 0 or s % p for s in patch_size):
+        raise UserError(f"patch size {patch_size} is not a multiple of the ViT patch size {p} on every axis; "
+                        f"use e.g. {[max(p, round(s / p) * p) for s in patch_size]}")
+    if patch_size != crop:
+        warn(f"note: patch size {patch_size} differs from the pretraining crop {crop}; the position embedding "
+             f"is resized to the new token grid when the weights are loaded")
+    return patch_size
+
+
 def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_name: str = DEFAULT_PLANS_NAME,
                      patch_size=None, batch_size: int = 2, feature_size: int = 32, keep_cls_token: bool | None = None,
                      learnable_pos_embed: bool = True, spacing=None, window=None, strict: bool = False,
@@ -140,16 +155,7 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         cfg.pop(key, None)
     median = [m * s / n for m, s, n in zip(cfg["median_image_size_in_voxels"], cfg["spacing"], spacing)]
     crop = [int(c) for c in meta.get("crop_size", model["crop_size"])]
-    if patch_size is None:
-        budget = max_tokens or 2 * math.prod(c // p for c in crop)
-        patch_size = default_patch_size(crop, median, p, budget)
-    patch_size = [int(s) for s in patch_size]
-    if len(patch_size) != 3 or any(s <= 0 or s % p for s in patch_size):
-        raise UserError(f"patch size {patch_size} is not a multiple of the ViT patch size {p} on every axis; "
-                        f"use e.g. {[max(p, round(s / p) * p) for s in patch_size]}")
-    if patch_size != crop:
-        warn(f"note: patch size {patch_size} differs from the pretraining crop {crop}; the position embedding "
-             f"is resized to the new token grid when the weights are loaded")
+    patch_size = resolve_patch_size(patch_size, crop, median, p, max_tokens, warn)
     cfg.update(
         patch_size=patch_size,
         median_image_size_in_voxels=[round(m, 1) for m in median],
