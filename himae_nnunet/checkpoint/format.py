@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from himae_nnunet.core import faults
-from himae_nnunet.core.atomic import TMP_PREFIX, replacing
+from himae_nnunet.core.atomic import TMP_PREFIX, temporary_beside
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.version import __version__
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
@@ -141,8 +141,9 @@ def atomic_torch_save(path: str | os.PathLike, payload: dict, what: str = "check
     except OSError as e:
         raise CheckpointError(f"cannot create the folder {path.parent} for the {what} ({e.strerror}); "
                               f"choose another output path") from None
+    tmp = temporary_beside(path)  # not `replacing`: a failed write here needs the message below, and fsync
     try:
-        with replacing(path) as tmp, open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             if faults.kill_in_checkpoint_write(step):  # tests: kill -9 with half the file written
                 buf = io.BytesIO()
                 torch.save(payload, buf)
@@ -153,11 +154,17 @@ def atomic_torch_save(path: str | os.PathLike, payload: dict, what: str = "check
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # full disk, read-only or vanished folder; torch's zip writer says RuntimeError
         kept = (f"the previous {path.name} is kept unchanged" if path.is_file() else
                 f"no {path.name} was written")
         raise CheckpointError(f"cannot write the {what} {path} ({write_error_reason(e, path.parent)}); "
                               f"{kept} and no partial file is left") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_error_reason(e: Exception, folder: Path) -> str:
