@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import dataset_id
 
 SLICE_AXIS_ORDER = 1  # spline order along the slice axis of thick-slice scans (nnU-Net's default: 0)
 RESAMPLING_TAG = "zlin"  # names the rule in data identifiers
@@ -76,9 +77,8 @@ def ensure_base_plans(pre_folder: Path, base_plans: str = "nnUNetPlans", num_pro
             raise UserError(f"base plans {path} do not exist; plan the dataset with that nnU-Net planner first, "
                             f"or use nnU-Net's default plans (nnUNetPlans), which are made when missing")
         name = Path(pre_folder).name
-        dataset_id = int(name[len("Dataset"):len("Dataset") + 3])
         print(f"  {name} has no nnU-Net plans yet: running nnU-Net's fingerprint extraction and planning")
-        nnunet_command("nnUNetv2_extract_fingerprint", "-d", dataset_id, "-np", num_processes,
+        nnunet_command("nnUNetv2_extract_fingerprint", "-d", dataset_id(name), "-np", num_processes,
                        *(["--verify_dataset_integrity"] if verify else []))
-        nnunet_command("nnUNetv2_plan_experiment", "-d", dataset_id)
+        nnunet_command("nnUNetv2_plan_experiment", "-d", dataset_id(name))
     return json.loads(path.read_text())
