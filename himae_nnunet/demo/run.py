@@ -66,9 +66,11 @@ class Demo:
             (self.work / d).mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         raw = self.make_raw_dataset()
-        exe = [sys.executable, "-m", "himae_nnunet.cli"]
         bindir = Path(sys.executable).parent  # nnU-Net's commands sit beside our interpreter, even unactivated
         nn = lambda tool: [str(bindir / tool) if (bindir / tool).exists() else shutil.which(tool) or tool]  # noqa
+        # our console script, not `python -m`: run inside a source checkout, `-m` would import the checkout's
+        # folder (which lacks pretrain/ and trainers/) instead of the installed package
+        exe = nn("himae-nnunet") if (bindir / "himae-nnunet").exists() else [sys.executable, "-m", "himae_nnunet.cli"]
         pretrain_dir = self.work / "pretrain"
         ckpt = pretrain_dir / "checkpoint_final.pt"
         stages = [
