@@ -45,6 +45,8 @@ setup(
         "dynamic-network-architectures",
         "batchgenerators",
         "batchgeneratorsv2",
+        "acvl_utils",  # imported by the paper protocol (nnU-Net depends on it too)
+        "threadpoolctl",
         "SimpleITK",
         "numpy",
         "scipy",

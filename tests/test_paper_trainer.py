@@ -112,7 +112,8 @@ def test_augmentation_rates_are_theirs():
 def test_sampler_four_crops_of_one_volume_half_foreground(chain):  # noqa: F811
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    folder = chain["pre"] / f"{PLANS}_3d_fullres"
+    plans = json.loads((chain["pre"] / f"{PLANS}.json").read_text())
+    folder = chain["pre"] / plans["configurations"]["3d_fullres"]["data_identifier"]
     cases = ["patientA", CASE_B]
     dataset = infer_dataset_class(str(folder))(str(folder), cases)
     labels = PlansManager(str(chain["pre"] / f"{PLANS}.json")).get_label_manager(

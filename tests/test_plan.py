@@ -137,7 +137,8 @@ def test_mae_and_hiend_plans_share_one_data_folder(nnunet_dirs, tmp_path, capsys
     mae, _ = tiny_checkpoint(tmp_path / "mae.pt", stages=0)
     args = ["--patch-size", "32", "32", "32", "-np", "1"]
     assert main(["plan", "900", "--checkpoint", str(hiend), *args]) == 0
-    data = folder / "HiEndMAEPlans_3d_fullres"
+    data = folder / json.loads((folder / "HiEndMAEPlans.json").read_text())["configurations"]["3d_fullres"][
+        "data_identifier"]
     data.mkdir()
     (data / "case.pkl").write_bytes(b"")  # as if preprocessed
     capsys.readouterr()
@@ -145,9 +146,9 @@ def test_mae_and_hiend_plans_share_one_data_folder(nnunet_dirs, tmp_path, capsys
     out = capsys.readouterr().out
     assert "sharing its data folder HiEndMAEPlans_3d_fullres" in out and "not preprocessing it again" in out
     mae_plans = json.loads((folder / "MAEPlans.json").read_text())
-    assert mae_plans["configurations"]["3d_fullres"]["data_identifier"] == "HiEndMAEPlans_3d_fullres"
-    assert mae_plans["himae"]["pretrain"]["method"] == "mae" and not (folder / "MAEPlans_3d_fullres").exists()
+    assert mae_plans["configurations"]["3d_fullres"]["data_identifier"] == "HiEndMAEPlans_3d_fullres_zlin"
+    assert mae_plans["himae"]["pretrain"]["method"] == "mae" and not (folder / "MAEPlans_3d_fullres_zlin").exists()
     assert main(["plan", "900", "--checkpoint", str(mae), "--plans-name", "MAE2mm", "--spacing", "2", "2", "2",
                  *args]) == 0  # other spacing: a data folder of its own
     other = json.loads((folder / "MAE2mm.json").read_text())
-    assert other["configurations"]["3d_fullres"]["data_identifier"] == "MAE2mm_3d_fullres"
+    assert other["configurations"]["3d_fullres"]["data_identifier"] == "MAE2mm_3d_fullres_zlin"

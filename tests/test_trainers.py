@@ -243,7 +243,7 @@ def test_stock_run_training_refuses_bad_plans_and_stock_trainers(tmp_path, nnune
     edit(plans["himae"])
     plans["configurations"]["3d_fullres"]["batch_dice"] = False  # as nnU-Net writes it (base_plans() has none)
     write_plans_folder(nnunet_dirs["nnUNet_preprocessed"], plans)
-    data = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X" / "P_3d_fullres"
+    data = nnunet_dirs["nnUNet_preprocessed"] / "Dataset900_X" / "P_3d_fullres_zlin"
     data.mkdir()
     (data / "case.b2nd").write_bytes(b"")  # never read: the refusals come first
     with pytest.raises(UserError, match=message):

@@ -12,7 +12,8 @@ from himae_nnunet.core.errors import UserError
 from himae_nnunet.models import UNETR
 from himae_nnunet.models.unetr_authors import authors_key_to_ours, convert_authors_unetr_state_dict
 from himae_nnunet.vit_plans.planning import derive_vit_plans
-from himae_nnunet.vit_plans.weights import build_network_from_plans, load_pretrained_into, read_pretrained
+from himae_nnunet.vit_plans.weights import (build_network_from_plans, load_pretrained_into, network_channels,
+                                           read_pretrained)
 from test_plan import base_plans, tiny_checkpoint
 
 TOL = 1e-5
@@ -68,8 +69,9 @@ def test_their_pretraining_checkpoint_gives_their_encoder(official, tmp_path, ca
     _, meta = read_pretrained(ours)
     plans = derive_vit_plans(base_plans(), str(ours), meta, sha256(ours), "P", patch_size=(96, 96, 96),
                              feature_size=config["unetr"]["feature_size"], unetr="authors", warn=lambda _: None)
-    net = build_network_from_plans(plans, DATASET_JSON)
-    report = load_pretrained_into(net, ours, sha256(ours), log=lambda _: None)
+    net = build_network_from_plans(plans["configurations"]["3d_fullres"],
+                                   *network_channels(plans, DATASET_JSON, "3d_fullres"))
+    report = load_pretrained_into(net, ours, log=lambda _: None)
 
     theirs = convert_authors_unetr_state_dict(state_dict)
     expected = {authors_key_to_ours(k) for k in config["loaded_from_pretraining"]}
@@ -101,8 +103,9 @@ def test_plan_unetr_authors_builds_and_runs(tmp_path, nnunet_dirs, capsys):
 
     plans = json.loads((folder / "HiEndMAEPlans.json").read_text())
     torch.manual_seed(0)
-    net = build_network_from_plans(plans, DATASET_JSON)
-    load_pretrained_into(net, ckpt, plans["himae"]["checkpoint_sha256"], log=lambda _: None)
+    net = build_network_from_plans(plans["configurations"]["3d_fullres"],
+                                   *network_channels(plans, DATASET_JSON, "3d_fullres"))
+    load_pretrained_into(net, ckpt, log=lambda _: None)
     y = net(torch.rand(2, 1, 48, 36, 60))  # token grid 4 x 3 x 5 -> 32 x 24 x 40 -> resized to the input
     assert y.shape == (2, 3, 48, 36, 60)
     y.mean().backward()
