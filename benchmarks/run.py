@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-ALL_PRESETS = ["vit_tiny", "vit_small", "vit_b16_768", "vit_b16_1536", "vit_b12_1536"]
+ALL_PRESETS = ["vit_tiny", "vit_small", "vit_b16_768", "vit_b16_1536", "vit_b12_1536", "primus_s", "primus_b", "primus_m"]
 GPU_INPUTS = HERE / "gpu" / "finetune_inputs.json"  # plans + case shapes of the real CTs, for data-less machines
 
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     if gpu and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
     small = args.quick or not gpu
-    args.presets = args.presets or (["vit_tiny", "vit_small"] if small else ALL_PRESETS)
+    args.presets = args.presets or (["vit_tiny", "vit_small", "primus_tiny"] if small else ALL_PRESETS)
     args.batch = args.batch or (2 if small else 64)
     args.steps = args.steps or (6 if small else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)

@@ -1,6 +1,6 @@
 """Pretraining commands: `prepare-pretrain`, `import-scans`, `pretrain`."""
 from himae_nnunet.core.ct import DEFAULT_SPACING, DEFAULT_WINDOW
-from himae_nnunet.models.presets import PRESETS
+from himae_nnunet.models.presets import ENCODERS, PRESETS
 
 
 def _prep_options(p, with_crop=True) -> None:
@@ -43,13 +43,17 @@ def register(sub) -> None:
     p.add_argument("--dataset", "-d", action="append", required=True, help="dataset id or name; repeatable")
     p.add_argument("--weights", type=float, nargs="+", help="sampling weight per --dataset (default: by case count)")
     p.add_argument("--output", "-o", required=True, help="run folder (checkpoints, log.jsonl, previews)")
-    p.add_argument("--model", default="vit_b12_1536", choices=list(PRESETS), help="ViT preset")
+    p.add_argument("--model", default="vit_b12_1536", choices=list(PRESETS),
+                   help="encoder preset: vit_* (our ViT) or primus_* (nnU-Net's Primus encoder; S/B/M/L are the "
+                        "stock nnUNet_Primus_*_Trainer sizes)")
+    p.add_argument("--encoder", choices=list(ENCODERS), help="encoder kind; must agree with --model's (optional)")
     p.add_argument("--method", default="hiend", choices=["hiend", "mae"], help="hiend (dense decoder) or mae")
     p.add_argument("--stages", type=int, help="dense decoder stages B, 1-3 (default 3; mae means 0)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--pos-embed", default="sincos", choices=["sincos", "learnable"],
-                   help="encoder position embedding: fixed 3D sin-cos (default) or learnable, initialised normal "
-                        "with std 0.02 (the authors' 'perceptron' option); the decoder's stays sin-cos")
+    p.add_argument("--pos-embed", choices=["sincos", "learnable"],
+                   help="ViT position embedding: fixed 3D sin-cos (default) or learnable, initialised normal "
+                        "with std 0.02 (the authors' 'perceptron' option); Primus: learnable only; the decoder's "
+                        "stays sin-cos")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps of the run (with --resume: "
                                                            "continue up to this total)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default min(4000, steps/10)), then cosine")

@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.models.presets import model_config
+from himae_nnunet.models.presets import PRESETS, model_config
 
 
 @dataclass
@@ -10,10 +10,12 @@ class PretrainOptions:
     datasets: list
     output: str
     model: str = "vit_b12_1536"
+    encoder: str | None = None  # "vit" | "primus"; None: the preset's (given, it must agree with it)
     method: str = "hiend"  # hiend | mae (= stages 0)
     stages: int | None = None  # dense decoder stages B; default 3 for hiend
     mask_ratio: float = 0.75
-    pos_embed: str = "sincos"  # sincos (fixed) | learnable (the authors' 'perceptron': normal, std 0.02)
+    pos_embed: str | None = None  # sincos (fixed) | learnable (the authors' 'perceptron': normal, std 0.02);
+    # None: the preset's (sin-cos for the ViTs, learnable for Primus), resolved at construction
     steps: int = 1000  # total optimizer steps of the run
     warmup: int | None = None  # default min(4000, steps // 10)
     lr: float = 1e-4
@@ -41,6 +43,10 @@ class PretrainOptions:
     stop_at: int | None = None  # end this invocation after that step (checkpoint written); --resume continues
     tensorboard: bool = True
 
+    def __post_init__(self):
+        if self.pos_embed is None and self.model in PRESETS:
+            self.pos_embed = PRESETS[self.model].get("pos_embed", "sincos")
+
 
 def build_config(options: PretrainOptions) -> dict:
     if options.method not in ("hiend", "mae"):
@@ -50,6 +56,11 @@ def build_config(options: PretrainOptions) -> dict:
         raise UserError(f"--method mae has no dense stages; drop --stages {options.stages} or use --method hiend")
     if options.method == "hiend" and stages == 0:
         raise UserError("--stages 0 is the MAE baseline; say --method mae")
+    if options.encoder is not None and options.encoder != PRESETS[options.model].get("encoder", "vit"):
+        kind = PRESETS[options.model].get("encoder", "vit")
+        raise UserError(f"--encoder {options.encoder} does not match --model {options.model} (a {kind} preset); "
+                        f"choose a {options.encoder}_* preset: "
+                        f"{', '.join(n for n, c in PRESETS.items() if c.get('encoder', 'vit') == options.encoder)}")
     return model_config(options.model, stages=stages, mask_ratio=options.mask_ratio, crop_size=options.crop_size,
                         pos_embed=options.pos_embed)
 

@@ -72,3 +72,44 @@ def test_summary_and_pairing_by_case_label_draw():
     assert by_ref[("hiend", "nnunet (full)")]["mean_diff"] == pytest.approx(-0.05)
     assert by_ref[("scratch", "nnunet (full)")]["ci_high"] < 0
     assert ("nnunet", "nnunet (full)") not in by_ref and ("scratch", "scratch (full)") not in by_ref
+
+
+def test_primus_arms_pair_with_scratch_primus():
+    """A pretrained Primus arm is compared with the same stock Primus network from scratch, not with the UNETR."""
+    units = [(d, label) for d in range(2) for label in range(1, 7)]
+    base = dict(zip(units, np.linspace(0.1, 0.9, len(units))))
+    rows = rows_of("scratch", "full", base) + rows_of("hiend", "full", {k: v + 0.05 for k, v in base.items()})
+    rows += rows_of("scratch_primus", "full", {k: v + 0.2 for k, v in base.items()})
+    rows += rows_of("primus", "full", {k: v + 0.3 for k, v in base.items()})
+    by_ref = {(c["arm"], c["reference"]): c for c in compare_all(rows, primus_arms={"primus"})}
+    assert by_ref[("primus", "scratch_primus (full)")]["mean_diff"] == pytest.approx(0.1)
+    assert by_ref[("hiend", "scratch (full)")]["mean_diff"] == pytest.approx(0.05)
+    assert ("primus", "scratch (full)") not in by_ref and ("scratch_primus", "scratch (full)") not in by_ref
+
+
+def test_cells_of_a_primus_arm_run_full_only_with_the_stock_trainer(tmp_path):
+    import json
+    from himae_nnunet.checkpoint.format import make_meta, save_checkpoint
+    from himae_nnunet.evidence.cells import build_cells
+    from himae_nnunet.evidence.prepare import Settings
+    from himae_nnunet.models.hiend_mae import HiEndMAE
+    from himae_nnunet.models.presets import model_config
+    paths = {}
+    for arm, preset in (("hiend", "vit_tiny_p8"), ("primus", "primus_s")):
+        model = HiEndMAE(model_config(preset, crop_size=32))
+        paths[arm] = str(tmp_path / f"{arm}.pt")
+        save_checkpoint(paths[arm], model.state_dict(), make_meta(model.config))
+    s = Settings(dataset="Dataset900_X", pretrained=paths, shots=[1], draws=2, nnunet=False)
+    plans = tmp_path / "nnUNet_preprocessed" / "Dataset900_X" / "Compare_primus_full.json"
+    plans.parent.mkdir(parents=True)
+    plans.write_text(json.dumps({"himae": {"encoder": {"preset": "primus_s", "embed_dim": 396, "depth": 12}}}))
+    folds = {"1-shot": [dict(fold=0, train=["a"]), dict(fold=1, train=["b"])]}
+    cells = build_cells(s, folds, tmp_path)
+    table = {(c.arm, c.protocol, c.draw): c for c in cells}
+    assert {a for a, _, _ in table} == {"scratch", "hiend", "scratch_primus", "primus"}
+    assert ("primus", "frozen", 0) not in table and ("hiend", "frozen", 0) in table
+    primus, scratch = table[("primus", "full", 1)], table[("scratch_primus", "full", 1)]
+    assert primus.trainer == scratch.trainer == "nnUNet_Primus_S_Trainer_HimaeBudget"
+    assert primus.plans == scratch.plans == "Compare_primus_full" and primus.fold == 1
+    assert primus.pretrained_weights.endswith("setup/Compare_primus_full.pth") and scratch.pretrained_weights is None
+    assert table[("scratch", "frozen", 0)].plans == "Compare_hiend_frozen"

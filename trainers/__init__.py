@@ -4,4 +4,4 @@ from himae_nnunet.trainers.finetune import (nnUNetTrainerHiEndMAE, nnUNetTrainer
                                             nnUNetTrainerUNETRPretrainedWeights)
 from himae_nnunet.trainers.variants import *  # noqa: F401,F403
 from himae_nnunet.trainers.paper import *  # noqa: F401,F403
-from himae_nnunet.trainers.budget import nnUNetTrainer_HimaeBudget  # noqa: F401
+from himae_nnunet.trainers.budget import *  # noqa: F401,F403

@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads:
     {"format": "himae-nnunet", "format_version": 1, "state_dict": {name: tensor}, "meta": {...}}
-`meta` holds only str/int/float/bool/list/dict/None: the full model config, crop size, spacing, intensity
-window, method, stages, mask ratio, step, data used, package version.
+`meta` holds only str/int/float/bool/list/dict/None: the full model config, the encoder kind ("vit" or
+"primus"; older files without it are ViTs), crop size, spacing, intensity window, method, stages, mask ratio,
+step, data used, package version.
 """
 import hashlib
 import io
@@ -105,6 +106,7 @@ def make_meta(config: dict, *, method: str | None = None, step: int = 0, spacing
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
     return dict(
         preset=config.get("preset"),
+        encoder=config.get("encoder", "vit"),
         model=config,
         method=method or ("hiend" if config["stages"] > 0 else "mae"),
         stages=config["stages"],

@@ -15,11 +15,17 @@ from tqdm import tqdm
 
 from himae_nnunet.core.atomic import write_text_atomic
 from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id
-from himae_nnunet.evidence.prepare import NNUNET_PLANS, Settings, budgets, sh
+from himae_nnunet.evidence.prepare import (NNUNET_PLANS, Settings, arm_protocols, budgets, encoder_kind,
+                                           primus_weights, sh)
 
 
-SCRATCH, NNUNET = "scratch", "nnunet"
+SCRATCH, NNUNET, SCRATCH_PRIMUS = "scratch", "nnunet", "scratch_primus"
 TRAINERS = {"vit": "nnUNetTrainerHiEndMAE", SCRATCH: "nnUNetTrainerUNETR", NNUNET: "nnUNetTrainer_HimaeBudget"}
+
+
+def scratch_of(arm: str, primus_arms: set) -> str:
+    """The from-scratch arm a pretrained arm is compared with: the same network without pretraining."""
+    return SCRATCH_PRIMUS if arm in primus_arms else SCRATCH
 
 
 @dataclass(frozen=True)
@@ -31,26 +37,48 @@ class Cell:
     fold: int
     trainer: str
     plans: str
+    pretrained_weights: str | None = None  # Primus arms: the file for stock `-pretrained_weights`
 
     @property
     def name(self) -> str:
         return f"{self.arm}__{self.protocol}__{self.budget.replace('%', 'pct')}__draw{self.draw}"
 
 
-def build_cells(s: Settings, folds: dict) -> list[Cell]:
+def primus_trainer(out: Path, s: Settings, arm: str) -> str:
+    """The stock Primus trainer of the arm's size, under the shared budget."""
+    from himae_nnunet.vit_plans.primus_export import default_primus_trainer
+    plans = json.loads((out / "nnUNet_preprocessed" / s.dataset / f"{s.vit_plans_name(arm, 'full')}.json").read_text())
+    return default_primus_trainer(plans["himae"]["encoder"]) + "_HimaeBudget"
+
+
+def arm_table(out: Path, s: Settings) -> list[tuple]:
+    """(arm, trainer, plans name per protocol, pretrained-weights file or None, protocols) per arm."""
+    kinds = {arm: encoder_kind(ckpt) for arm, ckpt in s.pretrained.items()}
+    vit = [a for a in s.pretrained if kinds[a] == "vit"]
+    primus = [a for a in s.pretrained if kinds[a] == "primus"]
+    arms = [(SCRATCH, TRAINERS[SCRATCH], lambda p: s.vit_plans_name(vit[0], p), None, s.protocols)] \
+        if s.scratch and vit else []
+    arms += [(a, TRAINERS["vit"], lambda p, a=a: s.vit_plans_name(a, p), None, s.protocols) for a in vit]
+    if s.scratch and primus:
+        arms.append((SCRATCH_PRIMUS, primus_trainer(out, s, primus[0]), lambda p: s.vit_plans_name(primus[0], p),
+                     None, ["full"]))
+    arms += [(a, primus_trainer(out, s, a), lambda p, a=a: s.vit_plans_name(a, p), str(primus_weights(out, s, a)),
+              arm_protocols(s, "primus")) for a in primus]
+    return arms
+
+
+def build_cells(s: Settings, folds: dict, out: Path) -> list[Cell]:
     """Order: budget, then protocol (frozen first: the most sensitive test of what the encoder learned), then
     draw, then arm; so an interrupted run holds complete, paired draws of the first blocks."""
-    first = next(iter(s.pretrained))
-    arms = ([(SCRATCH, TRAINERS[SCRATCH], lambda p: s.vit_plans_name(first, p))] if s.scratch else []) + \
-           [(arm, TRAINERS["vit"], lambda p, arm=arm: s.vit_plans_name(arm, p)) for arm in s.pretrained]
+    arms = arm_table(out, s)
     protocols = sorted(s.protocols, key=lambda p: p != "frozen")
     cells = []
     for label, _ in budgets(s):
         for protocol in protocols:
             for draw in range(s.draws):
                 fold = folds[label][draw]["fold"]
-                cells += [Cell(arm, protocol, label, draw, fold, trainer, plans(protocol))
-                          for arm, trainer, plans in arms]
+                cells += [Cell(arm, protocol, label, draw, fold, trainer, plans(protocol), weights)
+                          for arm, trainer, plans, weights, allowed in arms if protocol in allowed]
                 if s.nnunet and protocol == "full":
                     cells.append(Cell(NNUNET, "full", label, draw, fold, TRAINERS[NNUNET], NNUNET_PLANS))
         if s.nnunet and "full" not in protocols:
@@ -70,8 +98,9 @@ def run_cell(out: Path, s: Settings, raw: Path, cell: Cell, env: dict) -> dict:
     shutil.rmtree(fold, ignore_errors=True)
     folder.mkdir(parents=True)
     ds, dev = str(dataset_id(s.dataset)), s.device
+    weights = ["-pretrained_weights", cell.pretrained_weights] if cell.pretrained_weights else []
     times = dict(train=sh(["nnUNetv2_train", ds, CONFIGURATION, cell.fold, "-tr", cell.trainer, "-p", cell.plans,
-                           "-device", dev], folder / "train.log", env))
+                           "-device", dev, *weights], folder / "train.log", env))
     times["predict"] = sh(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", folder / "predictions", "-d", ds,
                            "-c", CONFIGURATION, "-f", cell.fold, "-tr", cell.trainer, "-p", cell.plans,
                            "-chk", "checkpoint_final.pth", "-device", dev, "-npp", 1, "-nps", 1],

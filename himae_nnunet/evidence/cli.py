@@ -13,8 +13,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="comparison folder (own nnU-Net folders, cells, report); "
                                                          "re-running with it resumes")
     p.add_argument("--pretrained", action="append", default=[], metavar="NAME=CHECKPOINT", required=True,
-                   help="one arm per pretrained checkpoint (ours, MAE or imported); repeatable; the first one's "
-                        "plans (network, spacing, window) also serve the scratch arm")
+                   help="one arm per pretrained checkpoint (ours, MAE, imported, or a Primus one: then nnU-Net's "
+                        "stock Primus trainer fine-tunes it, against a scratch_primus arm); repeatable; the first "
+                        "ViT checkpoint's plans (network, spacing, window) also serve the scratch arm")
     p.add_argument("--shots", type=int, nargs="+", default=[], help="label budgets in training cases, e.g. 1 2 5")
     p.add_argument("--percent", type=float, nargs="+", default=[], help="label budgets in percent of the cases")
     p.add_argument("--draws", type=int, default=3, help="seeded draws of training cases per budget (default 3)")
@@ -105,7 +106,7 @@ def cmd_compare(args) -> None:
     if not args.report_only:
         prepare.prepare_plans(out, s, env)
     folds = prepare.make_folds(out, s)
-    cells = cells_mod.build_cells(s, folds)
+    cells = cells_mod.build_cells(s, folds, out)
     if not args.report_only:
         cells_mod.run_cells(out, s, raw, cells, env, args.jobs)
     written = report.write_report(out, s, folds, cells)

@@ -10,10 +10,17 @@ def p_value(p: float) -> str:
     return "n/a" if p != p else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
+def arms_of(s: Settings, summary: list[dict]) -> list[str]:
+    """The arms that have results (scratch_primus appears with Primus checkpoints), else the planned ones."""
+    if summary:
+        return list(dict.fromkeys(r["arm"] for r in summary))
+    return (["scratch"] if s.scratch else []) + list(s.pretrained) + (["nnunet"] if s.nnunet else [])
+
+
 def report_markdown(s: Settings, folds: dict, summary: list[dict], comparisons: list[dict], labels: list[dict],
                     times: list[dict], missing: list[str]) -> str:
     lines = [f"# Low-label comparison on {s.dataset}", "",
-             f"Arms: {', '.join((['scratch'] if s.scratch else []) + list(s.pretrained) + (['nnunet'] if s.nnunet else []))}; "
+             f"Arms: {', '.join(arms_of(s, summary))}; "
              f"protocols: {', '.join(s.protocols)} (frozen: encoder LR 0 throughout, only the UNETR decoder trains; "
              f"nnU-Net's CNN is always fully trained). Shared budget: {s.epochs} epochs x {s.iterations_per_epoch} "
              f"iterations x batch {s.batch_size}, test-time mirroring {'on' if s.tta_mirroring else 'off'}.",

@@ -3,6 +3,10 @@
 Everything is written inside the output folder (its own nnUNet_preprocessed and nnUNet_results; nnUNet_raw is
 only read), so a comparison never touches a user's plans, data or trained models. Each step leaves a marker
 when it has finished; a step without its marker is redone from the start.
+
+A Primus checkpoint (`pretrain --model primus_*`) makes a Primus arm: its Primus plans, a full-network file for
+nnU-Net's stock Primus trainer (`export-pretrained`), and the matching scratch arm `scratch_primus` (the same
+trainer and plans without the file). The stock Primus trainers cannot freeze the encoder: Primus arms run `full`.
 """
 import json
 import os
@@ -119,12 +123,35 @@ def prepare_plans(out: Path, s: Settings, env: dict) -> None:
         sh(["nnUNetv2_extract_fingerprint", "-d", ds_id, "-np", s.num_processes], logs / "plan_nnunet.log", env),
         sh(["nnUNetv2_plan_experiment", "-d", ds_id], logs / "plan_nnunet.log", env)))
     for arm, ckpt in s.pretrained.items():
-        for protocol in s.protocols:
+        kind = encoder_kind(ckpt)
+        for protocol in arm_protocols(s, kind):
             name = s.vit_plans_name(arm, protocol)
             once(out, name, lambda arm=arm, ckpt=ckpt, protocol=protocol, name=name: sh(
                 vit_plan_command(s, ckpt, name, protocol), logs / f"plan_{name}.log", env))
+        if kind == "primus":
+            once(out, f"{s.vit_plans_name(arm, 'full')}_weights", lambda arm=arm: export_primus_weights(out, s, arm, env))
     if s.nnunet:
         once(out, NNUNET_PLANS, lambda: write_nnunet_plans(out, s, env))
+
+
+def encoder_kind(checkpoint: str) -> str:
+    """"vit" or "primus", from the checkpoint's meta."""
+    from himae_nnunet.vit_plans.weights import read_pretrained
+    return read_pretrained(checkpoint)[1]["model"].get("encoder", "vit")
+
+
+def arm_protocols(s: Settings, kind: str) -> list:
+    return [p for p in s.protocols if kind == "vit" or p == "full"]
+
+
+def primus_weights(out: Path, s: Settings, arm: str) -> Path:
+    return out / "setup" / f"{s.vit_plans_name(arm, 'full')}.pth"
+
+
+def export_primus_weights(out: Path, s: Settings, arm: str, env: dict) -> None:
+    name = s.vit_plans_name(arm, "full")
+    sh(["himae-nnunet", "export-pretrained", "--plans", out / "nnUNet_preprocessed" / s.dataset / f"{name}.json",
+        "-o", primus_weights(out, s, arm), "--overwrite"], out / "setup" / f"plan_{name}.log", env)
 
 
 def vit_plan_command(s: Settings, ckpt: str, plans_name: str, protocol: str) -> list:
@@ -163,7 +190,7 @@ def write_nnunet_plans(out: Path, s: Settings, env: dict) -> None:
 
 def shared_vit_patch(out: Path, s: Settings) -> list:
     first = next(iter(s.pretrained))
-    name = s.vit_plans_name(first, s.protocols[0])
+    name = s.vit_plans_name(first, arm_protocols(s, encoder_kind(s.pretrained[first]))[0])
     plans = json.loads((out / "nnUNet_preprocessed" / s.dataset / f"{name}.json").read_text())
     return plans["configurations"][CONFIGURATION]["patch_size"]
 

@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-from himae_nnunet.evidence.cells import NNUNET, SCRATCH, Cell
+from himae_nnunet.evidence.cells import NNUNET, SCRATCH, SCRATCH_PRIMUS, Cell, scratch_of
 from himae_nnunet.evidence.prepare import Settings
 from himae_nnunet.evidence.stats import bootstrap_mean_ci, paired_comparison
 
@@ -81,13 +81,14 @@ def per_label(rows: list[dict]) -> list[dict]:
     return out
 
 
-def compare_all(rows: list[dict]) -> list[dict]:
-    """Every arm against scratch (same protocol) and against nnunet (full), on their common units."""
+def compare_all(rows: list[dict], primus_arms: set = frozenset()) -> list[dict]:
+    """Every arm against its scratch arm (same network and protocol) and against nnunet (full), on their common
+    units."""
     out = []
     for arm, protocol, budget in groups(rows):
-        refs = [(SCRATCH, protocol), (NNUNET, "full")]
-        for ref, ref_protocol in refs:
-            if arm == ref or (ref, ref_protocol, budget) not in groups(rows):
+        refs = [] if arm in (SCRATCH, SCRATCH_PRIMUS, NNUNET) else [(scratch_of(arm, primus_arms), protocol)]
+        for ref, ref_protocol in refs + ([] if arm == NNUNET else [(NNUNET, "full")]):
+            if (ref, ref_protocol, budget) not in groups(rows):
                 continue
             a, b = scores(rows, arm, protocol, budget), scores(rows, ref, ref_protocol, budget)
             common = sorted(set(a) & set(b))
@@ -110,7 +111,8 @@ def write_report(out: Path, s: Settings, folds: dict, cells: list[Cell]) -> list
     raw_json = json.loads((out / "nnUNet_preprocessed" / s.dataset / "dataset.json").read_text())
     finished = [c for c in cells if (out / "cells" / c.name / "cell.json").is_file()]
     rows = [r for c in finished for r in case_rows(out, c, folds, label_names(raw_json)) if r["label"] != 0]
-    summary, comparisons = summarize(rows), compare_all(rows)
+    primus_arms = {c.arm for c in cells if c.pretrained_weights}
+    summary, comparisons = summarize(rows), compare_all(rows, primus_arms)
     written = []
     for stem, table in (("per_case", rows), ("summary", summary), ("comparisons", comparisons)):
         write_table(out / f"{stem}.csv", table)

@@ -31,7 +31,7 @@ def count(model_name: str, stages: int = 3, crop: int = 96, mask_ratio: float = 
     decoder = total - encoder  # projections + decoder blocks + head (the loss has no matmuls)
     # attention products (QK^T and AV) of the cross blocks, which the paper's Table 7 left out of its count
     # (its counter skipped their fused kernels): self-attention over all tokens plus cross-attention
-    n_q, n_kv, d = 1 + model.num_tokens, 1 + n_vis, cfg["decoder_dim"]
+    n_q, n_kv, d = model.prefix + model.num_tokens, model.prefix + n_vis, cfg["decoder_dim"]
     cross_attn_products = stages * 2 * n_q * (n_q + n_kv) * d
     enc_params = sum(p.numel() for p in model.encoder.parameters())
     all_params = sum(p.numel() for p in model.parameters())

@@ -1,7 +1,9 @@
 """Hi-End-MAE: masked autoencoder whose decoder queries the encoder's intermediate blocks.
 
 Read top to bottom: CrossAttention -> CrossBlock -> DenseDecoder -> HiEndMAE. With stages B = 0 the
-decoder is 8 plain self-attention blocks and the model is the decoder-driven MAE baseline.
+decoder is 8 plain self-attention blocks and the model is the decoder-driven MAE baseline. The encoder is our
+ViT (with a cls token, as the authors') or nnU-Net's Primus (no prefix token); `P` below is its number of prefix
+tokens (1 or 0).
 """
 from dataclasses import dataclass
 
@@ -12,6 +14,14 @@ from timm.models.vision_transformer import Attention, Block
 
 from himae_nnunet.models.presets import model_config
 from himae_nnunet.models.vit import (LayerNorm, ViTEncoder3D, _init_weights, patchify, sincos_pos_embed_3d, unpatchify)
+
+
+def build_encoder(config: dict, grid: tuple[int, int, int]) -> nn.Module:
+    """The encoder a model config names (`encoder`: "vit" or "primus") for token grid `grid`."""
+    if config.get("encoder", "vit") == "primus":
+        from himae_nnunet.models.primus import PrimusEncoder3D  # needs dynamic-network-architectures' Eva
+        return PrimusEncoder3D.from_config(config, grid)
+    return ViTEncoder3D.from_config(config, grid)
 
 
 class CrossAttention(nn.Module):
@@ -74,9 +84,9 @@ class DenseDecoder(nn.Module):
 @dataclass
 class MAEOutput:
     loss: torch.Tensor  # scalar: MSE on masked tokens vs per-patch-normalized targets
-    decoder_out: torch.Tensor  # B, 1 + N, p^3*C: cls, visible, masked, in permutation order
-    hidden_states: list  # depth x [B, 1 + n_vis, D]: every encoder block's raw output
-    encoder_out: torch.Tensor  # B, 1 + n_vis, D: final-normed encoder output
+    decoder_out: torch.Tensor  # B, P + N, p^3*C: (cls,) visible, masked, in permutation order
+    hidden_states: list  # depth x [B, P + n_vis, D]: every encoder block's raw output
+    encoder_out: torch.Tensor  # B, P + n_vis, D: final-normed encoder output
     shuffle_indices: torch.Tensor  # B, N: the permutation used (first n_vis visible)
     num_visible: int
 
@@ -90,7 +100,8 @@ class HiEndMAE(nn.Module):
         p, C = cfg["patch_size"], cfg["in_chans"]
         self.grid = tuple(c // p for c in cfg["crop_size"])
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.encoder = ViTEncoder3D.from_config(cfg, self.grid)
+        self.encoder = build_encoder(cfg, self.grid)
+        self.prefix = self.encoder.num_prefix_tokens  # P: 1 (cls) for the ViT, 0 for Primus
         # taps used by the B stages, deepest first (stage 1 queries the deepest tap)
         self.stage_taps = tuple(sorted(cfg["taps"], reverse=True)[:cfg["stages"]])
         # projections: [final output, then one per used tap in stage order]; order matches the authors' import
@@ -123,20 +134,21 @@ class HiEndMAE(nn.Module):
         if shuffle_indices is None:
             shuffle_indices = self.random_permutation(B, x.device)
         n_vis = self.num_visible
-        latent, hidden_states = self.encoder(x, shuffle_indices[:, :n_vis])  # B, 1 + n_vis, D
+        latent, hidden_states = self.encoder(x, shuffle_indices[:, :n_vis])  # B, P + n_vis, D
 
         # query stream: projected encoder output, then one mask token per masked position (permutation order)
         q = self.encoder_to_decoder[0](latent)
         masks = self.mask_token.expand(B, self.num_tokens - n_vis, -1)
-        q = torch.cat([q, masks.to(q.dtype)], dim=1)  # B, 1 + N, d
+        q = torch.cat([q, masks.to(q.dtype)], dim=1)  # B, P + N, d
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         pos = torch.gather(pos, 1, shuffle_indices[..., None].expand(-1, -1, pos.shape[-1]))
-        q = torch.cat([q[:, :1], q[:, 1:] + pos], dim=1)  # no position on cls
+        P = self.prefix
+        q = torch.cat([q[:, :P], q[:, P:] + pos], dim=1)  # no position on cls
         contexts = [proj(hidden_states[t]) for proj, t in zip(self.encoder_to_decoder[1:], self.stage_taps)]
-        pred = self.decoder(q, contexts)  # B, 1 + N, p^3*C
+        pred = self.decoder(q, contexts)  # B, P + N, p^3*C
 
         target = self.normalized_patches(x, shuffle_indices[:, n_vis:])
-        loss = ((pred[:, 1 + n_vis:].float() - target) ** 2).mean()
+        loss = ((pred[:, P + n_vis:].float() - target) ** 2).mean()
         return MAEOutput(loss, pred, hidden_states, latent, shuffle_indices, n_vis)
 
     def normalized_patches(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -167,5 +179,5 @@ class HiEndMAE(nn.Module):
         mean = patches.mean(-1, keepdim=True)
         std = (patches.var(-1, unbiased=True, keepdim=True) + 1e-6).sqrt()
         order = out.shuffle_indices.argsort(dim=1)  # token id -> position in the permutation
-        pred = torch.gather(out.decoder_out[:, 1:].float(), 1, order[..., None].expand(-1, -1, patches.shape[-1]))
+        pred = torch.gather(out.decoder_out[:, self.prefix:].float(), 1, order[..., None].expand(-1, -1, patches.shape[-1]))
         return pred * std + mean

@@ -1,8 +1,11 @@
-"""Model presets as data: one dict per named ViT, plus the validation every config goes through.
+"""Model presets as data: one dict per named encoder, plus the validation every config goes through.
 
-The three paper variants follow Tang et al. (Table of variants in DESIGN section 1); the small ones are
-ours, for CPU tests, demos and small GPUs. Every config is a plain dict of ints, floats, strings and
-tuples so that it can travel inside checkpoints and nnU-Net plans as JSON.
+Two encoder kinds (`encoder`): "vit", our ViT (models/vit.py), and "primus", nnU-Net's Primus encoder built from
+dynamic-network-architectures' own modules (models/primus.py). The three paper ViTs follow Tang et al. (Table of
+variants in DESIGN section 1); the Primus sizes S/B/M/L are exactly the encoders nnU-Net's stock
+`nnUNet_Primus_{S,B,M,L}_Trainer` build (so their `-pretrained_weights` load them); the small ones are ours, for
+CPU tests, demos and small GPUs. Every config is a plain dict of ints, floats, strings and tuples so that it can
+travel inside checkpoints and nnU-Net plans as JSON.
 """
 from copy import deepcopy
 
@@ -10,6 +13,7 @@ from himae_nnunet.core.errors import UserError
 
 # Fields every model config carries; `crop_size` is the pretraining crop (token grid = crop / patch).
 DEFAULTS = dict(
+    encoder="vit",  # "vit" or "primus"
     in_chans=1,
     crop_size=(96, 96, 96),
     mlp_ratio=4.0,
@@ -29,6 +33,27 @@ PRESETS = {
     "vit_b16_1536": dict(patch_size=16, embed_dim=1536, depth=12, num_heads=16, decoder_dim=528, decoder_heads=16),
     "vit_b12_1536": dict(patch_size=12, embed_dim=1536, depth=12, num_heads=16, decoder_dim=528, decoder_heads=16),
 }
+
+# Primus (Wald et al. 2025): EVA blocks (SwiGLU MLP of ratio 8/3, rotary + learned absolute position, layer
+# scale 0.1, normed attention output), patch 8; the S/B/M/L dims, depths and heads of nnU-Net's stock trainers.
+PRIMUS_BLOCK = dict(encoder="primus", patch_size=8, mlp_ratio=4 * 2 / 3, pos_embed="learnable", init_values=0.1,
+                    scale_attn_inner=True)
+
+
+def primus(embed_dim: int, depth: int, num_heads: int, decoder_dim: int, decoder_heads: int) -> dict:
+    """A Primus preset; taps at the paper's relative depths 1/4, 1/2, 3/4 (blocks 3, 6, 9 of 12)."""
+    return dict(PRIMUS_BLOCK, embed_dim=embed_dim, depth=depth, num_heads=num_heads, decoder_dim=decoder_dim,
+                decoder_heads=decoder_heads, taps=(depth // 4, depth // 2, 3 * depth // 4))
+
+
+PRESETS.update({
+    "primus_tiny": primus(96, 8, 4, 48, 4),  # ours: CPU tests
+    "primus_s": primus(396, 12, 6, 198, 6),
+    "primus_b": primus(792, 12, 12, 396, 12),
+    "primus_m": primus(864, 16, 12, 432, 12),
+    "primus_l": primus(1056, 24, 16, 528, 16),
+})
+ENCODERS = ("vit", "primus")
 
 
 class ConfigError(UserError, ValueError):
@@ -53,6 +78,10 @@ def model_config(preset: str | None = None, **overrides) -> dict:
 
 
 def validate(cfg: dict) -> None:
+    if cfg["encoder"] not in ENCODERS:
+        raise ConfigError(f"encoder {cfg['encoder']!r}: choose one of {', '.join(ENCODERS)}")
+    if cfg["encoder"] == "primus":
+        validate_primus(cfg)
     missing = [k for k in ("patch_size", "embed_dim", "depth", "num_heads", "decoder_dim", "decoder_heads") if k not in cfg]
     if missing:
         raise ConfigError(f"model config lacks {', '.join(missing)}; start from a preset ({', '.join(PRESETS)})")
@@ -83,3 +112,16 @@ def validate(cfg: dict) -> None:
                           f"{list(cfg['crop_size'])} crop; use a larger crop or a smaller mask ratio")
     if cfg.get("pos_embed", "sincos") not in ("sincos", "learnable"):
         raise ConfigError(f"pos_embed={cfg['pos_embed']!r} must be 'sincos' or 'learnable'")
+
+
+def validate_primus(cfg: dict) -> None:
+    """What dynamic-network-architectures' Eva asserts, said as a config error: a learned absolute table and a
+    rotary dimension (head dim / 1.5) that is a whole multiple of 4."""
+    if cfg.get("pos_embed") != "learnable":
+        raise ConfigError(f"pos_embed={cfg.get('pos_embed')!r}: the Primus encoder has a learned absolute position "
+                          f"table (plus rotary embedding); use pos_embed 'learnable' (drop --pos-embed)")
+    head = cfg["embed_dim"] / cfg["num_heads"]
+    if head != int(head) or (head / 1.5) != int(head / 1.5) or int(head / 1.5) % 4:
+        raise ConfigError(f"embed_dim {cfg['embed_dim']} / num_heads {cfg['num_heads']} = {head:g}: Primus' 3D "
+                          f"rotary embedding needs a head dimension whose two thirds are a whole multiple of 4 "
+                          f"(e.g. 24, 48, 66, 72)")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.models.presets import ConfigError, model_config
+from himae_nnunet.models.presets import PRESETS, ConfigError, model_config
 from himae_nnunet.models.vit import ViTEncoder3D
 
 DECODERS = ("ours", "authors")
@@ -180,6 +180,10 @@ class UNETR(nn.Module):
             refuse_stock_trainer("UNETR(deep_supervision=True)")
         super().__init__()
         model_kwargs.pop("crop_size", None)
+        kind = model_kwargs.get("encoder") or PRESETS.get(preset, {}).get("encoder", "vit")
+        if kind != "vit":
+            raise ConfigError(f"the UNETR is built around our ViT, not a {kind} encoder; fine-tune a Primus "
+                              f"checkpoint with nnU-Net's Primus trainers (README: 'Primus')")
         cfg = model_config(preset, in_chans=input_channels, crop_size=tuple(patch_size_voxels),
                            pos_embed=pos_embed, **model_kwargs)
         self.config = cfg

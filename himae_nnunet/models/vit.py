@@ -86,6 +86,8 @@ class ViTEncoder3D(nn.Module):
     authors' downstream UNETR (MONAI's ViT) runs the same weights with torch's default 1e-5.
     """
 
+    num_prefix_tokens = 1  # the cls token
+
     @classmethod
     def from_config(cls, config: dict, grid: tuple[int, int, int], **overrides) -> "ViTEncoder3D":
         """The encoder of a model config (`presets.model_config`) for token grid `grid`."""

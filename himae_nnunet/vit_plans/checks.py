@@ -6,7 +6,7 @@ from pathlib import Path
 from himae_nnunet.checkpoint.format import CheckpointError, sha256
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.vit_plans.planning import (PLANS_FORMAT_VERSION, check_against_pretraining, finetune_options,
-                                             is_vit_plans)
+                                             is_primus_plans, is_vit_plans, planned_encoder)
 from himae_nnunet.vit_plans.weights import check_same_encoder, read_pretrained
 
 
@@ -24,6 +24,11 @@ def require_vit_plans(plans: dict, configuration: str, trainer: str) -> dict:
     """The plans' fine-tuning options, after checking the plans are ViT plans this package can read."""
     if not is_vit_plans(plans, configuration):
         arch = plans.get("configurations", {}).get(configuration, {}).get("architecture", {})
+        if is_primus_plans(plans):
+            raise UserError(f"{trainer}: plans {plans.get('plans_name')!r} are Primus plans (a Primus checkpoint); "
+                            f"fine-tune them with nnU-Net's Primus trainers: `himae-nnunet export-pretrained "
+                            f"--plans PLANS.json -o W.pth`, then `nnUNetv2_train ... -tr nnUNet_Primus_S_Trainer "
+                            f"-p {plans.get('plans_name')} -pretrained_weights W.pth`")
         raise UserError(
             f"{trainer} needs ViT plans written by `himae-nnunet plan`, but plans {plans.get('plans_name')!r} "
             f"configuration {configuration!r} build {arch.get('network_class_name', 'no network')}. Run "
@@ -55,7 +60,7 @@ def check_plans_checkpoint(plans: dict, configuration: str, checkpoint=None) -> 
         check_unchanged(path, h["checkpoint_sha256"])
     state_dict, meta = read_pretrained(path)
     cfg = plans["configurations"][configuration]
-    check_same_encoder(meta["model"], cfg["architecture"]["arch_kwargs"], path)
+    check_same_encoder(meta["model"], planned_encoder(plans, configuration), path)
     spacing = [meta["spacing"][i] for i in plans["transpose_forward"]]
     check_against_pretraining("spacing", cfg["spacing"], spacing, h.get("strict", False))
     for c in h.get("ct_channels", []):

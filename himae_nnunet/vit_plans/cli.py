@@ -8,7 +8,7 @@ from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id
-from himae_nnunet.vit_plans.planning import DEFAULT_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
+from himae_nnunet.vit_plans.planning import DEFAULT_PLANS_NAME, DEFAULT_PRIMUS_PLANS_NAME, DEFAULT_UNETR, UNETR_DEFAULTS
 
 DEFAULT_TRAINER = "nnUNetTrainerHiEndMAE"
 PRETRAINED_WEIGHTS_TRAINER = "nnUNetTrainerUNETRPretrainedWeights"
@@ -57,7 +57,8 @@ def register_plan(sub) -> None:
     p = sub.add_parser("plan", help="write ViT plans (spacing, window, patch, UNETR) for a dataset and checkpoint")
     p.add_argument("dataset", help="dataset id or name (DatasetXXX_Name)")
     p.add_argument("--checkpoint", required=True, help="pretrained checkpoint (ours or the authors' format)")
-    p.add_argument("--plans-name", default=DEFAULT_PLANS_NAME, help=f"plans to write (default {DEFAULT_PLANS_NAME})")
+    p.add_argument("--plans-name", help=f"plans to write (default {DEFAULT_PLANS_NAME}; for a Primus checkpoint "
+                                        f"{DEFAULT_PRIMUS_PLANS_NAME})")
     p.add_argument("--base-plans", default="nnUNetPlans", help="the dataset's nnU-Net plans to derive from")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="patch size in the plans' axis order, multiples of the ViT patch (default: the "
@@ -122,7 +123,10 @@ def register_export(sub) -> None:
 
     p = sub.add_parser("export-pretrained",
                        help="write a full-network file for stock `nnUNetv2_train -pretrained_weights`")
-    p.add_argument("--plans", required=True, help="ViT plans JSON (nnUNet_preprocessed/DatasetXXX/NAME.json)")
+    p.add_argument("--plans", required=True, help="plans JSON written by `himae-nnunet plan` "
+                                                  "(nnUNet_preprocessed/DatasetXXX/NAME.json)")
+    p.add_argument("--trainer", help="Primus plans: the stock nnU-Net Primus trainer to export for (default: the "
+                                     "one of the checkpoint's size, e.g. nnUNet_Primus_S_Trainer for primus_s)")
     p.add_argument("--checkpoint", help="pretrained checkpoint (default: the one the plans name)")
     p.add_argument("-c", "--configuration", default=CONFIGURATION)
     p.add_argument("-o", "--output", required=True, help="file to write (.pth)")
@@ -154,7 +158,7 @@ def register_passthrough(sub) -> None:
 
 
 def cmd_plan(args) -> None:
-    from himae_nnunet.vit_plans.planning import plan
+    from himae_nnunet.vit_plans.planning import is_primus_plans, plan
     out = plan(args.dataset, args.checkpoint, args.plans_name, args.base_plans, args.overwrite, args.preprocess,
                args.np, patch_size=args.patch_size, batch_size=args.batch_size, feature_size=args.feature_size,
                keep_cls_token=False if args.drop_cls_token else None, unetr=args.unetr,
@@ -168,11 +172,13 @@ def cmd_plan(args) -> None:
                              paper_epochs=args.paper_epochs))
     plans = json.loads(out.read_text())
     cfg = plans["configurations"][CONFIGURATION]
-    a = cfg["architecture"]["arch_kwargs"]
     ds = plans["dataset_name"]
     print(f"wrote {out}")
     print(f"  spacing {cfg['spacing']}, patch {cfg['patch_size']}, batch {cfg['batch_size']}, CT window "
           f"{plans['himae']['intensity_window']} -> [0, 1], data folder {cfg['data_identifier']}")
+    if is_primus_plans(plans):
+        return print_primus_next_steps(plans, args.preprocess)
+    a = cfg["architecture"]["arch_kwargs"]
     print(f"  network UNETR ({a['decoder']} decoder), encoder {a['preset'] or 'custom'} (patch {a['patch_size']}, "
           f"dim {a['embed_dim']}, depth {a['depth']}), cls token {'kept' if a['keep_cls_token'] else 'dropped'}")
     print(f"  checkpoint {plans['himae']['checkpoint']} (sha256 {plans['himae']['checkpoint_sha256'][:16]}...)")
@@ -185,6 +191,21 @@ def cmd_plan(args) -> None:
     hint = ext_trainer_hint()
     if hint:
         print("NOTE: " + hint)
+
+
+def print_primus_next_steps(plans: dict, preprocessed: bool) -> None:
+    from himae_nnunet.vit_plans.primus_export import default_primus_trainer
+    ds, name, enc = dataset_id(plans["dataset_name"]), plans["plans_name"], plans["himae"]["encoder"]
+    trainer = default_primus_trainer(enc)
+    print(f"  network: nnU-Net's {trainer} builds it (Primus {enc['preset'] or 'custom'}: dim {enc['embed_dim']}, "
+          f"depth {enc['depth']}); these plans keep nnU-Net's architecture block, which that trainer ignores")
+    print(f"  checkpoint {plans['himae']['checkpoint']} (sha256 {plans['himae']['checkpoint_sha256'][:16]}...)")
+    print("next:")
+    if not preprocessed:
+        print(f"  nnUNetv2_preprocess -d {ds} -plans_name {name} -c {CONFIGURATION}")
+    path = f"$nnUNet_preprocessed/{plans['dataset_name']}/{name}.json"
+    print(f"  himae-nnunet export-pretrained --plans {path} -o primus_pretrained.pth")
+    print(f"  nnUNetv2_train {ds} {CONFIGURATION} FOLD -tr {trainer} -p {name} -pretrained_weights primus_pretrained.pth")
 
 
 def gpu_note(batch_size: int) -> str:
@@ -216,12 +237,19 @@ def cmd_ext_trainer_path(args) -> None:
 
 def cmd_export(args) -> None:
     from himae_nnunet.vit_plans.checks import check_plans_checkpoint, require_vit_plans
+    from himae_nnunet.vit_plans.planning import is_primus_plans
     from himae_nnunet.vit_plans.weights import export_full_network
     plans_file = Path(args.plans)
     if not plans_file.is_file():
         raise UserError(f"--plans {plans_file} does not exist; give the JSON written by `himae-nnunet plan`")
     plans = json.loads(plans_file.read_text())
-    require_vit_plans(plans, args.configuration, f"export-pretrained --plans {plans_file}")
+    if not is_primus_plans(plans):
+        require_vit_plans(plans, args.configuration, f"export-pretrained --plans {plans_file}")
+    elif args.configuration not in plans.get("configurations", {}):
+        raise UserError(f"--plans {plans_file} have no configuration {args.configuration!r}")
+    if args.trainer and not is_primus_plans(plans):
+        raise UserError(f"--trainer {args.trainer}: only for Primus plans; {plans_file} are UNETR plans, whose "
+                        f"file is for {PRETRAINED_WEIGHTS_TRAINER}")
     dataset_json = plans_file.parent / "dataset.json"
     if not dataset_json.is_file():
         raise UserError(f"{dataset_json} is missing (nnU-Net writes it when planning); run nnU-Net planning first")
@@ -230,10 +258,22 @@ def cmd_export(args) -> None:
         raise UserError(f"{out} exists; pass --overwrite or choose another -o")
     pretrained = check_plans_checkpoint(plans, args.configuration, args.checkpoint)  # the trainer's checks
     ckpt = args.checkpoint or plans["himae"]["checkpoint"]
+    if is_primus_plans(plans):
+        return export_primus(args, plans, json.loads(dataset_json.read_text()), ckpt, out, pretrained)
     export_full_network(plans, json.loads(dataset_json.read_text()), ckpt, out, pretrained, args.configuration)
     print(f"wrote {out}; use it with stock nnU-Net and the trainer named for it (a results folder of its own):\n"
           f"  nnUNetv2_train {dataset_id(plans['dataset_name'])} {args.configuration} FOLD -tr "
           f"{PRETRAINED_WEIGHTS_TRAINER} -p {plans['plans_name']} -pretrained_weights {out}")
+
+
+def export_primus(args, plans: dict, dataset_json: dict, ckpt, out: Path, pretrained) -> None:
+    from himae_nnunet.vit_plans.primus_export import default_primus_trainer, export_primus_network
+    trainer = args.trainer or default_primus_trainer(plans["himae"]["encoder"])
+    report = export_primus_network(plans, dataset_json, ckpt, out, pretrained, trainer, args.configuration)
+    print(f"wrote {out}: {len(report['loaded']) + len(report['resized']) + len(report['adapted'])} tensors from "
+          f"pretraining (down_projection.*, eva.*), {len(report['random'])} at the trainer's own init; train with\n"
+          f"  nnUNetv2_train {dataset_id(plans['dataset_name'])} {args.configuration} FOLD -tr {trainer} -p "
+          f"{plans['plans_name']} -pretrained_weights {out}")
 
 
 def parse_model(text: str) -> dict:

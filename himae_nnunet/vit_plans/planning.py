@@ -5,6 +5,11 @@ What changes against the base `3d_fullres` configuration: spacing and CT window 
 size that is a multiple of the ViT patch, the architecture (our UNETR with the checkpoint's encoder), a data
 identifier of its own, and a top-level `himae` block naming the checkpoint (path, sha256) and the
 fine-tuning options the trainers read. The base plans and their data are never written.
+
+For a Primus checkpoint (`encoder: primus`) the plans keep nnU-Net's architecture block (the stock
+`nnUNet_Primus_*_Trainer` build their network from the patch size alone) and the `himae` block records
+`network: primus` and the encoder's sizes; everything else (spacing, window, patch a multiple of 8, data
+identifier) is planned the same way.
 """
 import json
 import math
@@ -19,6 +24,7 @@ from himae_nnunet.core.nnunet_env import CONFIGURATION, dataset_id, dataset_name
 from himae_nnunet.vit_plans.weights import read_pretrained
 
 DEFAULT_PLANS_NAME = "HiEndMAEPlans"
+DEFAULT_PRIMUS_PLANS_NAME = "HiEndMAEPrimusPlans"
 BASE_PLANS_NAME = "nnUNetPlans"
 UNETR_CLASS = "himae_nnunet.models.unetr.UNETR"
 # `plan --unetr`: the decoder and what goes with it (models/unetr.py says why "authors" is the default)
@@ -70,6 +76,28 @@ def load_plans(dataset: str, plans_name: str) -> dict:
 def is_vit_plans(plans: dict, configuration: str = CONFIGURATION) -> bool:
     cfg = plans.get("configurations", {}).get(configuration, {})
     return cfg.get("architecture", {}).get("network_class_name") == UNETR_CLASS and "himae" in plans
+
+
+def is_primus_plans(plans: dict) -> bool:
+    return plans.get("himae", {}).get("network") == "primus"
+
+
+def planned_encoder(plans: dict, configuration: str = CONFIGURATION) -> dict:
+    """The encoder sizes the plans build: the UNETR's arch_kwargs, or the himae block's for Primus plans."""
+    if is_primus_plans(plans):
+        return plans["himae"]["encoder"]
+    return plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+
+
+def unetr_architecture(model: dict, patch_size: list, feature_size: int, unetr: str, keep_cls_token,
+                       learnable_pos_embed: bool) -> dict:
+    return dict(network_class_name=UNETR_CLASS,
+                arch_kwargs=dict(preset=model.get("preset"), patch_size_voxels=patch_size, feature_size=feature_size,
+                                 **unetr_arch_kwargs(unetr, keep_cls_token),
+                                 pos_embed="learnable" if learnable_pos_embed else "sincos",
+                                 **{k: (list(model[k]) if isinstance(model[k], (list, tuple)) else model[k])
+                                    for k in ENCODER_FIELDS}),
+                _kw_requires_import=[])
 
 
 def differs(a, b, tol: float = 1e-3) -> bool:
@@ -156,19 +184,12 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
     median = [m * s / n for m, s, n in zip(cfg["median_image_size_in_voxels"], cfg["spacing"], spacing)]
     crop = [int(c) for c in meta.get("crop_size", model["crop_size"])]
     patch_size = resolve_patch_size(patch_size, crop, median, p, max_tokens, warn)
-    cfg.update(
-        patch_size=patch_size,
-        median_image_size_in_voxels=[round(m, 1) for m in median],
-        batch_size=int(batch_size),
-        architecture=dict(
-            network_class_name=UNETR_CLASS,
-            arch_kwargs=dict(preset=model.get("preset"), patch_size_voxels=patch_size, feature_size=feature_size,
-                             **unetr_arch_kwargs(unetr, keep_cls_token),
-                             pos_embed="learnable" if learnable_pos_embed else "sincos",
-                             **{k: (list(model[k]) if isinstance(model[k], (list, tuple)) else model[k])
-                                for k in ENCODER_FIELDS}),
-            _kw_requires_import=[]),
-    )
+    primus = model.get("encoder", "vit") == "primus"
+    cfg.update(patch_size=patch_size, median_image_size_in_voxels=[round(m, 1) for m in median],
+               batch_size=int(batch_size))
+    if not primus:
+        cfg["architecture"] = unetr_architecture(model, patch_size, feature_size, unetr, keep_cls_token,
+                                                 learnable_pos_embed)
     plans["configurations"] = {CONFIGURATION: cfg}
     ct_channels = [c for c, scheme in enumerate(cfg["normalization_schemes"]) if scheme == "CTNormalization"]
     if not ct_channels:
@@ -188,6 +209,9 @@ def derive_vit_plans(base: dict, ckpt_path: str, meta: dict, sha: str, plans_nam
         strict=bool(strict),
         finetune=finetune_options(finetune or {}, "planning"),
     )
+    if primus:
+        plans["himae"].update(network="primus", encoder={k: model[k] for k in ("preset", "encoder", "patch_size",
+                                                                              "embed_dim", "depth", "num_heads")})
     return plans
 
 
@@ -266,7 +290,7 @@ def check_plans_name(plans_name: str, base_plans: str) -> None:
         raise UserError(f"--plans-name {plans_name!r}: use letters, digits, '_' and '-' only")
 
 
-def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_plans: str = BASE_PLANS_NAME,
+def plan(dataset, checkpoint: str, plans_name: str | None = None, base_plans: str = BASE_PLANS_NAME,
          overwrite: bool = False, preprocess: bool = False, num_processes: int | None = None, warn=print,
          **options) -> Path:
     """The whole `himae-nnunet plan` command; returns the plans file written. num_processes None: nnU-Net's
@@ -274,8 +298,10 @@ def plan(dataset, checkpoint: str, plans_name: str = DEFAULT_PLANS_NAME, base_pl
     from nnunetv2.configuration import default_num_processes
     num_processes = num_processes or default_num_processes
     name = dataset_name(dataset)
-    check_plans_name(plans_name, base_plans)
     _, meta = read_pretrained(checkpoint)
+    if plans_name is None:
+        plans_name = DEFAULT_PRIMUS_PLANS_NAME if meta["model"].get("encoder") == "primus" else DEFAULT_PLANS_NAME
+    check_plans_name(plans_name, base_plans)
     base = ensure_base_plans(plans_path(name, base_plans).parent, base_plans, num_processes, verify=True)
     plans = derive_vit_plans(base, checkpoint, meta, sha256(checkpoint), plans_name, warn=warn, **options)
     out = write_plans(name, plans, overwrite)

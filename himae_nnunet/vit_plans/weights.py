@@ -45,7 +45,9 @@ def describe(cfg: dict) -> str:
 
 def check_same_encoder(ckpt_cfg: dict, net_cfg: dict, source) -> None:
     """Refuse a checkpoint whose encoder is another preset/shape than the one the plans build."""
-    diff = [f"{k} {ckpt_cfg[k]} vs {net_cfg[k]}" for k in SHAPE_FIELDS if int(ckpt_cfg[k]) != int(net_cfg[k])]
+    kinds = ckpt_cfg.get("encoder", "vit"), net_cfg.get("encoder", "vit")
+    diff = [f"encoder {kinds[0]} vs {kinds[1]}"] if kinds[0] != kinds[1] else []
+    diff += [f"{k} {ckpt_cfg[k]} vs {net_cfg[k]}" for k in SHAPE_FIELDS if int(ckpt_cfg[k]) != int(net_cfg[k])]
     if diff:
         raise CheckpointError(f"{source} holds a {describe(ckpt_cfg)} encoder but the plans build "
                               f"{describe(net_cfg)} ({'; '.join(diff)}); re-run `himae-nnunet plan` with this "
