@@ -318,3 +318,22 @@ def test_third_party_imports_are_declared():
     low, high = re.fullmatch(r">=([\d.]+),<([\d.]+)", requirements["timm"]).groups()
     as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:3])  # noqa: E731
     assert as_tuple(low) <= as_tuple(timm.__version__) < as_tuple(high)
+
+
+def test_cpu_trainers_follow_omp_num_threads(monkeypatch):
+    """nnUNetv2_train -device cpu sets torch to every core; our trainers bring it back to OMP_NUM_THREADS, so
+    comparison cells side by side do not oversubscribe the CPU. Without the variable nothing changes."""
+    from himae_nnunet.core.nnunet_env import cpu_threads_from_env
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cpu_threads_from_env(torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        cpu_threads_from_env(torch.device("cuda"))
+        assert torch.get_num_threads() == 2
+        cpu_threads_from_env(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -3,7 +3,7 @@
 `himae-nnunet compare` gives every arm the same iterations: our UNETR trainers read them from the plans'
 `himae.finetune` block; the `_HimaeBudget` variants here read the same block, so nnU-Net's networks stay stock
 (network, loss, optimizer, schedule, augmentation) except for epochs, iterations per epoch and test-time
-mirroring:
+mirroring (and, on CPU, torch's thread count follows OMP_NUM_THREADS, see core.nnunet_env):
 
 - nnUNetTrainer_HimaeBudget: nnU-Net's CNN (SGD, poly LR, deep supervision) on a copy of its plans;
 - nnUNet_Primus_{S,B,M,L}_Trainer_HimaeBudget: nnU-Net's stock Primus trainers (AdamW, 50 of 1000 epochs linear
@@ -18,6 +18,7 @@ from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import (nnUNet_Primu
                                                                     nnUNet_Primus_M_Trainer, nnUNet_Primus_S_Trainer)
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import cpu_threads_from_env
 
 __all__ = ["nnUNetTrainer_HimaeBudget", "nnUNet_Primus_S_Trainer_HimaeBudget", "nnUNet_Primus_B_Trainer_HimaeBudget",
            "nnUNet_Primus_M_Trainer_HimaeBudget", "nnUNet_Primus_L_Trainer_HimaeBudget"]
@@ -42,6 +43,7 @@ class HimaeBudget:
                  device: torch.device = torch.device("cuda")):  # nnU-Net's exact signature (it inspects it)
         budget = read_budget(plans, type(self).__name__)  # refuse before nnU-Net creates any folder
         super().__init__(plans, configuration, fold, dataset_json, device)
+        cpu_threads_from_env(self.device)  # parallel comparison cells on CPU: one core each, not all of them
         self.num_epochs = int(budget["num_epochs"])
         self.num_iterations_per_epoch = int(budget["iterations_per_epoch"])
         self.num_val_iterations_per_epoch = int(budget["val_iterations_per_epoch"])

@@ -31,6 +31,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder  # noqa: E4
 from nnunetv2.utilities.helpers import dummy_context  # noqa: E402
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.nnunet_env import cpu_threads_from_env
 from himae_nnunet.core.optim import adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.vit_plans.checks import check_plans_checkpoint, check_plans_format, require_vit_plans
@@ -130,6 +131,7 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
                                  plans["plans_name"])
         self.before_output_folder(plans, configuration, fold)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        cpu_threads_from_env(self.device)
         self.finetune = opts
         self.resumed = False  # set by load_checkpoint (--c, --val, --val_best)
         self.start_weight = None  # encoder patch-embedding weight after initialize, to see -pretrained_weights

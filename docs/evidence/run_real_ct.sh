@@ -30,5 +30,5 @@ wait
 # 3. the comparison: scratch, MAE, Hi-End-MAE, nnU-Net; 1 and 3 slabs; 3 draws; frozen and full; two cells at once
 /usr/bin/time -f "compare wall %e s" himae-nnunet compare 520 -o compare \
   --pretrained hiend=pretrain_hiend/checkpoint_final.pt --pretrained mae=pretrain_mae/checkpoint_final.pt \
-  --shots 1 3 --draws 3 --protocols full frozen --epochs 10 --iterations-per-epoch 25 --val-iterations-per-epoch 2 \
+  --shots 1 3 --draws 3 --protocols full frozen --epochs 8 --iterations-per-epoch 12 --val-iterations-per-epoch 1 \
   --patch-size 16 48 48 --feature-size 8 --batch-size 2 --lr 3e-4 --jobs 2 2>&1 | tee -a logs/compare.log

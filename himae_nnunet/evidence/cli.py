@@ -1,4 +1,5 @@
 """`himae-nnunet compare` (low-label comparison of pretraining arms) and `evidence-dataset` (the real-CT data)."""
+import os
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def cmd_compare(args) -> None:
     arms = parse_arms(args.pretrained)  # every check before the output folder is made
     out = Path(args.output).resolve()
     name, raw, env = checked_dataset(args, out)
+    if args.device == "cpu" and args.jobs > 1:  # our trainers give each cell its share of the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     s = prepare.Settings(dataset=name, pretrained=arms, shots=args.shots,
                          percent=args.percent, draws=args.draws, seed=args.seed, protocols=args.protocols,
                          scratch=args.scratch, nnunet=args.nnunet, patch_size=args.patch_size,
