@@ -60,6 +60,32 @@ def test_recomputed_attention_reproduces_the_fused_block():
     assert torch.allclose(out, seen["out"], atol=1e-5)
 
 
+def test_recomputed_attention_reproduces_primus_eva_blocks_with_rope():
+    """The probe reads Primus' separate q/k/v projections and applies the rotary embedding as the block does."""
+    from himae_nnunet.analysis.probe import encoder_rope
+    from himae_nnunet.analysis.rank import value_spectra
+    model = HiEndMAE(model_config("primus_tiny", crop_size=32)).eval()
+    attn = model.encoder.blocks[2].attn
+    with torch.no_grad():  # peaked attention (at init it is nearly uniform, with or without rope)
+        attn.q_proj.weight.mul_(20)
+        attn.k_proj.weight.mul_(20)
+    x = torch.rand(2, 1, 32, 32, 32)
+    seen = {}
+    attn.register_forward_hook(lambda m, i, o: seen.update(out=o) if "out" not in seen else None)
+    with capture_qkv(model.encoder, [2]) as store, torch.no_grad():
+        model.encoder(x)
+    probs = attention_probs(store[2], attn, encoder_rope(model.encoder))
+    assert probs.shape == (2, 4, 64, 64)
+    _, _, v = split_heads(store[2], 4)
+    out = attn.proj(attn.norm((probs @ v).transpose(1, 2).reshape(2, 64, -1)))  # EVA: normed attention output
+    assert torch.allclose(out, seen["out"], atol=1e-5)
+    without_rope = attention_probs(store[2], attn)
+    assert not torch.allclose(attn.proj(attn.norm((without_rope @ v).transpose(1, 2).reshape(2, 64, -1))),
+                              seen["out"], atol=1e-3)
+    layers = value_spectra(model, torch.rand(3, 32, 32, 32).numpy())
+    assert len(layers) == 8 and all(l["rows"] == 3 * 64 for l in layers)
+
+
 def test_token_of_voxel_follows_patchify_order():
     model = HiEndMAE(model_config("vit_tiny", crop_size=(32, 48, 64)))  # grid 2 x 3 x 4
     x = torch.zeros(1, 1, 32, 48, 64)
@@ -224,12 +250,11 @@ def test_dataset_source_picks_the_pretraining_data(checkpoints, nnunet_dirs, tmp
 
 
 def test_flops_doc_is_current():
-    """docs/flops.md (written by benchmarks/flops_table.py) has every preset x B = 0..3, and its vit_tiny rows
+    """docs/flops.md (written by benchmarks/flops_table.py) has every table preset x B = 0..3, and its vit_tiny rows
     equal a fresh count."""
-    from himae_nnunet.models.flops import count, format_table
-    from himae_nnunet.models.presets import PRESETS
+    from himae_nnunet.models.flops import count, format_table, table_presets
     text = (Path(__file__).resolve().parents[1] / "docs" / "flops.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| vit")]
-    assert [tuple(r.split("|")[1:3]) for r in rows] == [(f" {m} ", f" {b} ") for m in PRESETS for b in range(4)]
+    rows = [line for line in text.splitlines() if line.startswith(("| vit", "| primus"))]
+    assert [tuple(r.split("|")[1:3]) for r in rows] == [(f" {m} ", f" {b} ") for m in table_presets() for b in range(4)]
     fresh = format_table([count("vit_tiny", b) for b in range(4)]).splitlines()[2:]
     assert rows[:4] == fresh

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from himae_nnunet.analysis.figures import grid_to_voxels, overlay, plane, plane_point, pyplot, show
-from himae_nnunet.analysis.probe import attention_probs, capture_qkv
+from himae_nnunet.analysis.probe import attention_probs, capture_qkv, encoder_rope
 
 
 def default_blocks(model) -> list[int]:
@@ -31,10 +31,10 @@ def query_attention(model, crop: np.ndarray, voxel, blocks, device="cpu") -> dic
     encoder = model.encoder
     with capture_qkv(encoder, blocks) as store:
         encoder(torch.from_numpy(crop).to(device)[None, None])
-    out = {}
+    out, P, rope = {}, encoder.num_prefix_tokens, encoder_rope(encoder)
     for b in blocks:
-        probs = attention_probs(store[b], encoder.blocks[b].attn)[0, :, 1 + token].cpu().numpy()  # heads, 1 + N
-        out[b] = dict(maps=probs[:, 1:], cls_share=probs[:, 0])
+        probs = attention_probs(store[b], encoder.blocks[b].attn, rope)[0, :, P + token].cpu().numpy()  # heads, P + N
+        out[b] = dict(maps=probs[:, P:], cls_share=probs[:, 0] if P else np.zeros(probs.shape[0]))
     return dict(query_token=token, blocks=out)
 
 

@@ -51,7 +51,7 @@ def value_spectra(model, crops: np.ndarray, device="cpu", batch_size: int = 4, d
             encoder(x)
             rows += x.shape[0] * encoder.num_tokens
             for layer in range(depth):
-                v = values(store[layer])[:, 1:].double()  # B, N, D: patch tokens only
+                v = values(store[layer])[:, encoder.num_prefix_tokens:].double()  # B, N, D: patch tokens only
                 grams[layer] += torch.einsum("bnd,bne->de", v, v)
                 per_crop[layer] += [effective_rank(s) for s in torch.linalg.svdvals(v).cpu()]
     layers = []

@@ -8,7 +8,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from himae_nnunet.models.hiend_mae import HiEndMAE
-from himae_nnunet.models.presets import model_config
+from himae_nnunet.models.presets import PRESETS, model_config
+
+
+def table_presets() -> list[str]:
+    """The presets of docs/flops.md: every ViT and the tiny Primus. Primus S/B/M/L at 96^3 (1728 tokens through
+    the full-attention decoder) take minutes each on a CPU: `himae-nnunet flops --model primus_b`."""
+    return [m for m, c in PRESETS.items() if c.get("encoder", "vit") == "vit" or m == "primus_tiny"]
 
 
 def _count_macs(fn) -> float:
