@@ -4,8 +4,6 @@ plan (Primus plans) -> export-pretrained -> nnUNetv2_train with nnU-Net's Primus
 -> nnUNetv2_predict on patient B. Small: 3 mm, 32^3 crops and patches, 4 pretraining steps, 1 x 2 iterations."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.models.presets import ConfigError, model_config
 from himae_nnunet.models.unetr import UNETR
 from himae_nnunet.scans.oneshot_dataset import CASE_B, write_ab_dataset
+from test_e2e_nnunet import run
 
-BIN = Path(sys.executable).parent
 PLANS, TRAINER = "HiEndMAEPrimusPlans", "nnUNet_Primus_S_Trainer_HimaeBudget"
 
 
@@ -91,14 +89,6 @@ def test_encoder_option_must_agree_with_the_preset():
     assert build_config(PretrainOptions(["x"], "o", model="primus_tiny", encoder="primus"))["encoder"] == "primus"
     with pytest.raises(UserError, match="--encoder primus does not match --model vit_tiny"):
         build_config(PretrainOptions(["x"], "o", model="vit_tiny", encoder="primus"))
-
-
-def run(*cmd, env) -> str:
-    proc = subprocess.run([str(BIN / cmd[0]), *map(str, cmd[1:])], env=env, capture_output=True, text=True,
-                          timeout=1800)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exit {proc.returncode}:\n{out[-4000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
