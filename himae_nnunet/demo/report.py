@@ -75,7 +75,7 @@ def loss_figure(demo, ckpt: Path, out: Path) -> None:
     axes[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
     axes[0].set(title="Hi-End-MAE pretraining", xlabel="step", ylabel="masked-patch MSE")
     for name, tr in TRAINERS.items():
-        fold = demo.work / "nnUNet_results" / DATASET / f"{tr}__{PLANS}__3d_fullres" / "fold_0"
+        fold = demo.work / "nnUNet_results" / DATASET / f"{tr}__{PLANS}__3d_fullres" / f"fold_{demo.fold}"
         losses = training_losses(fold)
         line, = axes[1].plot(losses["train"], label=f"{name} train")
         axes[1].plot(losses["val"], "--", color=line.get_color(), label=f"{name} val")
@@ -89,9 +89,18 @@ def loss_figure(demo, ckpt: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def protocol_line(demo) -> str:
+    cases = f"{demo.train_cases} labelled training scan(s)" if demo.train_cases else "nnU-Net's fold 0"
+    if demo.protocol == "frozen":
+        return (f"frozen encoder on {cases}: both UNETRs train only their decoder on a fixed encoder (pretrained "
+                f"or random), so the difference is what pretraining put into the encoder")
+    return f"full fine-tuning on {cases}: every weight of both UNETRs trains"
+
+
 def print_summary(demo, results: dict, stats: dict, labels: dict, figs: dict, total_s: float) -> None:
     print("\n" + "=" * 72)
     print(f"himae-nnunet demo finished in {total_s / 60:.1f} min  ({demo.work})")
+    print(f"protocol: {protocol_line(demo)}")
     print("\nDice per label on the held-out test scans (nnUNetv2_evaluate_folder):")
     names = list(results)
     print(f"  {'label':18s}" + "".join(f"{n:>16s}" for n in names))
@@ -130,7 +139,8 @@ def write_report(demo, raw: Path, ckpt: Path, total_s: float) -> dict:
     overlay_figure(raw, demo.work / "predictions", figs["overlays"], labels)
     stats = comparison(demo.work)
     print_summary(demo, results, stats, labels, figs, total_s)
-    report = {"dice": results, "comparison": stats, "times_s": demo.times, "figures": {k: str(v) for k, v in figs.items()},
+    report = {"protocol": demo.protocol, "train_cases": demo.train_cases, "fold": demo.fold, "dice": results,
+              "comparison": stats, "times_s": demo.times, "figures": {k: str(v) for k, v in figs.items()},
               "total_s": total_s}
     (demo.work / "demo_results.json").write_text(json.dumps(report, indent=2))
     return report

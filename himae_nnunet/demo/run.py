@@ -3,6 +3,8 @@
 raw scans -> nnU-Net plans -> pretraining data -> Hi-End-MAE pretraining -> checkpoint -> ViT plans ->
 fine-tuning (pretrained and from scratch) -> nnU-Net prediction -> evaluation -> table and figures.
 Every stage runs the real command a user would type; its output goes to the console and to a log file.
+By default both UNETRs keep their encoder frozen (`--protocol frozen`), the setting in which a CPU budget of
+minutes shows what pretraining put into the encoder (docs/benchmarks.md); `--train-cases N` adds a few-shot fold.
 """
 import json
 import os
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.demo.settings import DATASET, DATASET_ID, PLANS, TRAINERS
+from himae_nnunet.demo.settings import DATASET, DATASET_ID, NUM_TEST, PLANS, TRAINERS
 
 
 
@@ -22,9 +24,12 @@ class StageFailed(UserError):
 
 
 class Demo:
-    def __init__(self, workdir: Path, device: str, data: Path | None, steps: int, epochs: int, iterations: int):
+    def __init__(self, workdir: Path, device: str, data: Path | None, steps: int, epochs: int, iterations: int,
+                 protocol: str = "frozen", train_cases: int | None = None):
         self.work, self.device, self.data, self.steps = workdir.resolve(), device, data, steps
         self.epochs, self.iterations = epochs, iterations
+        self.protocol, self.train_cases = protocol, train_cases
+        self.fold = "0"  # nnU-Net's fold 0, or the few-shot fold `split` adds (see few_shot_fold)
         self.logs = self.work / "logs"
         self.figures = self.work / "figures"
         self.times: dict[str, float] = {}
@@ -71,12 +76,24 @@ class Demo:
         # our console script, not `python -m`: run inside a source checkout, `-m` would import the checkout's
         # folder (which lacks pretrain/ and trainers/) instead of the installed package
         exe = nn("himae-nnunet") if (bindir / "himae-nnunet").exists() else [sys.executable, "-m", "himae_nnunet.cli"]
-        pretrain_dir = self.work / "pretrain"
-        ckpt = pretrain_dir / "checkpoint_final.pt"
+        ckpt = self.work / "pretrain" / "checkpoint_final.pt"
+        stages = self.preparation_stages(exe, nn, ckpt)
+        total = len(stages) + 3 * len(TRAINERS)
+        for i, (name, cmd) in enumerate(stages, 1):
+            self.run(i, total, name, cmd)
+        if self.train_cases:
+            self.fold = self.few_shot_fold()
+        for i, (name, cmd) in enumerate(self.fine_tuning_stages(nn, raw), len(stages) + 1):
+            self.run(i, total, name, cmd)
+        from himae_nnunet.demo.report import write_report
+        return write_report(self, raw, ckpt, time.time() - t0)
+
+    def preparation_stages(self, exe, nn, ckpt: Path) -> list[tuple[str, list[str]]]:
+        """Pretraining data, pretraining, nnU-Net planning, ViT plans (+ preprocessing), the few-shot fold."""
         stages = [
             ("prepare pretraining data", exe + ["prepare-pretrain", "--dataset", str(DATASET_ID), "-np", "2",
                                                 "--crop-size", "64"]),
-            ("pretrain", exe + ["pretrain", "--dataset", str(DATASET_ID), "--output", str(pretrain_dir),
+            ("pretrain", exe + ["pretrain", "--dataset", str(DATASET_ID), "--output", str(ckpt.parent),
                                 "--model", "vit_tiny", "--crop-size", "64", "--steps", str(self.steps),
                                 "--warmup", str(max(1, self.steps // 10)), "--lr", "1e-3", "--batch-volumes", "2",
                                 "--crops-per-volume", "4", "--checkpoint-every", str(max(1, self.steps // 2)),
@@ -87,23 +104,34 @@ class Demo:
                                  "--patch-size", "48", "48", "48", "--batch-size", "2", "--feature-size", "16",
                                  "--epochs", str(self.epochs), "--iterations-per-epoch", str(self.iterations),
                                  "--val-iterations-per-epoch", "5",
+                                 "--freeze-encoder-epochs", str(self.epochs if self.protocol == "frozen" else 0),
                                  "--lr", "3e-4", "--no-tta-mirroring", "--preprocess", "-np", "2",
                                  "--overwrite"]),
         ]
+        if self.train_cases:
+            stages.append(("few-shot fold", exe + ["split", str(DATASET_ID), "--shots", str(self.train_cases)]))
+        return stages
+
+    def few_shot_fold(self) -> str:
+        """The fold `himae-nnunet split` just appended (the last one of splits_final.json)."""
+        splits = json.loads((self.work / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
+        return str(len(splits) - 1)
+
+    def fine_tuning_stages(self, nn, raw: Path) -> list[tuple[str, list[str]]]:
+        """Train, predict the test scans, evaluate: for each network, on the same fold and plans."""
+        stages = []
         for label, trainer in TRAINERS.items():
-            stages.append((f"train {label}", nn("nnUNetv2_train") + [str(DATASET_ID), "3d_fullres", "0", "-tr", trainer,
-                                                                  "-p", PLANS, "-device", self.device]))
+            stages.append((f"train {label}", nn("nnUNetv2_train") + [str(DATASET_ID), "3d_fullres", self.fold, "-tr",
+                                                                  trainer, "-p", PLANS, "-device", self.device]))
             out = self.work / "predictions" / trainer
             stages.append((f"predict {label}", nn("nnUNetv2_predict") + [
-                "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0",
-                "-tr", trainer, "-p", PLANS, "-device", self.device, "-npp", "1", "-nps", "1", "--disable_tta"]))
+                "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-f",
+                self.fold, "-tr", trainer, "-p", PLANS, "-device", self.device, "-npp", "1", "-nps", "1",
+                "--disable_tta"]))
             stages.append((f"evaluate {label}", nn("nnUNetv2_evaluate_folder") + [
                 str(raw / "labelsTs"), str(out), "-djfile", str(raw / "dataset.json"),
                 "-pfile", str(self.work / "nnUNet_preprocessed" / DATASET / f"{PLANS}.json")]))
-        for i, (name, cmd) in enumerate(stages, 1):
-            self.run(i, len(stages), name, cmd)
-        from himae_nnunet.demo.report import write_report
-        return write_report(self, raw, ckpt, time.time() - t0)
+        return stages
 
     def make_raw_dataset(self) -> Path:
         from himae_nnunet.demo.synthetic import write_dataset
@@ -113,8 +141,9 @@ class Demo:
             from himae_nnunet.demo.report import dataset_from_folder
             dataset_from_folder(self.data, raw)
         elif not (raw / "dataset.json").exists():
-            print("=== [0] synthetic CT dataset: 8 training and 2 test scans with liver, spleen, kidney labels")
-            write_dataset(self.work / "nnUNet_raw", DATASET_ID, "HiEndDemo", num_cases=8, num_test=2, seed=0)
+            print(f"=== [0] synthetic CT dataset: 8 training and {NUM_TEST} test scans with liver, spleen, kidney "
+                  f"labels")
+            write_dataset(self.work / "nnUNet_raw", DATASET_ID, "HiEndDemo", num_cases=8, num_test=NUM_TEST, seed=0)
         self.times["make dataset"] = time.time() - t0
         return raw
 
@@ -128,6 +157,13 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per network (default 10)")
     p.add_argument("--iterations", type=int, default=25, help="fine-tuning iterations per epoch (default 25)")
+    p.add_argument("--protocol", choices=["frozen", "full"], default="frozen",
+                   help="frozen: both UNETRs keep their encoder (pretrained or random) fixed and train the decoder, "
+                        "the test of what pretraining put into the encoder; full: the whole network trains "
+                        "(default frozen)")
+    p.add_argument("--train-cases", type=int, metavar="N",
+                   help="fine-tune on N labelled training scans (a few-shot fold from `himae-nnunet split`; 1 = "
+                        "one-shot) instead of nnU-Net's fold 0; pretraining always sees every training scan")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-synthetic", help="write a small synthetic labelled CT dataset in nnU-Net's raw format")
@@ -151,5 +187,7 @@ def cmd_make_synthetic(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.train_cases is not None and args.train_cases < 1:
+        raise UserError(f"--train-cases {args.train_cases}: give at least 1 (1 = one-shot)")
     Demo(Path(args.workdir), args.device, Path(args.data) if args.data else None, args.steps, args.epochs,
-         args.iterations).main()
+         args.iterations, args.protocol, args.train_cases).main()
