@@ -14,7 +14,7 @@ import torch
 
 from timing import median_times_in_turns, sync
 
-from himae_nnunet.core.optim import adamw_param_groups
+from himae_nnunet.core.optim import adamw, adamw_param_groups
 from himae_nnunet.models.flops import count
 from himae_nnunet.models import HiEndMAE, model_config
 
@@ -33,7 +33,7 @@ def make_step(preset: str, stages: int, batch: int, device: str, compile_: bool,
     """One pretraining step (forward, backward, fused AdamW on CUDA) of a fresh model on a fixed batch."""
     torch.manual_seed(0)
     model = HiEndMAE(model_config(preset, stages=stages, crop_size=crop)).to(device)
-    opt = torch.optim.AdamW(adamw_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device == "cuda")
+    opt = adamw(adamw_param_groups(model, 0.05), device, lr=1e-4, betas=(0.9, 0.95))
     step_model = torch.compile(model) if compile_ else model
     x = torch.rand(batch, 1, crop, crop, crop, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)

@@ -57,10 +57,10 @@ def make_stepper(model_name: str, stages: int, batches: list, device: torch.devi
     """A function running one pretraining step (forward, backward, AdamW) on the next batch."""
     from himae_nnunet.models.hiend_mae import HiEndMAE
     from himae_nnunet.models.presets import model_config
-    from himae_nnunet.core.optim import adamw_param_groups
+    from himae_nnunet.core.optim import adamw, adamw_param_groups
     torch.manual_seed(0)
     model = HiEndMAE(model_config(model_name, stages=stages)).to(device)
-    opt = torch.optim.AdamW(adamw_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    opt = adamw(adamw_param_groups(model, 0.05), device, lr=1e-4, betas=(0.9, 0.95))
     fwd = torch.compile(model) if compile_ else model
     amp = device.type == "cuda"
     count = [0]

@@ -1,5 +1,5 @@
 """One pretraining step of our Hi-End-MAE and of the authors' (github.com/FengheTan9/Hi-End-MAE), same config,
-same batch, same machine, interleaved step by step in one run; prints `ours_over_authors_crops_per_s` per config.
+same batch, same machine, interleaved step by step in one run (the order alternating); prints `ours_over_authors_crops_per_s` per config.
 
 Their code is never stored in this repository: fetch it yourself and give its folder,
 
@@ -18,6 +18,7 @@ timm blocks. Times are medians over `--steps` interleaved steps after `--warmup`
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import types
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import make_step, sync  # noqa: E402  (our step, as the model benchmark times it)
+from model_speed import make_step  # noqa: E402  (our step, as the model benchmark times it)
+from timing import times_in_turns  # noqa: E402
 
 # our preset -> (their builder in hi_end_mae.py, their patch size)
 CONFIGS = {"vit_b16_768": ("build_vit_base_hi_end_mae_p16_3d", 16),
@@ -101,19 +103,9 @@ def make_their_step(authors, config: str, batch: int, device: str):
 def compare(authors, config: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     steppers = {"ours": make_step(config, 3, batch, device, False, 96),
                 "authors": make_their_step(authors, config, batch, device)}
-    for step in steppers.values():
-        for _ in range(warmup):
-            step()
-    times = {k: [] for k in steppers}
     clock = time.perf_counter if device == "cuda" else time.process_time
-    for _ in range(steps):
-        for k, step in steppers.items():  # interleaved: background load hits both alike
-            sync(device)
-            t0 = clock()
-            step()
-            sync(device)
-            times[k].append(clock() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    times = times_in_turns(steppers, steps, warmup, device, clock)  # order alternates: neither always goes first
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {"config": config, "batch": batch, "device": device, "steps": steps,
             "ours_step_s": med["ours"], "authors_step_s": med["authors"],
             "ours_crops_per_s": batch / med["ours"], "authors_crops_per_s": batch / med["authors"],

@@ -19,7 +19,7 @@ from himae_nnunet.checkpoint.format import (CheckpointError, load_strict, make_m
                                             save_checkpoint)
 from himae_nnunet.core import faults
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.core.optim import adamw_param_groups
+from himae_nnunet.core.optim import adamw, adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.pretrain.data import CropDataset, StepBatches, find_sources, make_loader
@@ -160,8 +160,8 @@ def build_training(run: Run, ckpt: dict | None) -> Training:
     options, device = run.options, run.device
     torch.manual_seed(options.seed)
     model = HiEndMAE(run.config).to(device)
-    optimizer = torch.optim.AdamW(adamw_param_groups(model, options.weight_decay), lr=options.lr,
-                                  betas=tuple(options.betas), fused=device.type == "cuda")
+    optimizer = adamw(adamw_param_groups(model, options.weight_decay), device, lr=options.lr,
+                      betas=tuple(options.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay_factor(
         step, options.steps, run.warmup, base_lr=options.lr, min_lr=options.min_lr))
     amp_dtype = None

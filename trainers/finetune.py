@@ -32,7 +32,7 @@ from nnunetv2.utilities.helpers import dummy_context  # noqa: E402
 
 from himae_nnunet.core.errors import UserError
 from himae_nnunet.core.nnunet_env import cpu_threads_from_env
-from himae_nnunet.core.optim import adamw_param_groups
+from himae_nnunet.core.optim import adamw, adamw_param_groups
 from himae_nnunet.core.schedule import warmup_decay_factor
 from himae_nnunet.vit_plans.checks import check_plans_checkpoint, check_plans_format, require_vit_plans
 from himae_nnunet.vit_plans.planning import UNETR_CLASS
@@ -207,8 +207,7 @@ class nnUNetTrainerUNETR(nnUNetTrainer):
     def configure_optimizers(self):
         o = self.finetune
         groups = head_first(param_groups(unwrap(self.network), self.weight_decay, float(o["layer_decay"])))
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(o["betas"]),
-                                      fused=self.device.type == "cuda")
+        optimizer = adamw(groups, self.device, lr=self.initial_lr, betas=tuple(o["betas"]))
         warmup = min(int(o["warmup_epochs"]), self.num_epochs // 10)
         self.print_to_log_file(f"AdamW lr {self.initial_lr}, weight decay {self.weight_decay}, warmup {warmup} "
                                f"epochs then {o['schedule']}, layer decay {o['layer_decay']}, encoder frozen for "

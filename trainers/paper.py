@@ -49,6 +49,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from himae_nnunet.core.errors import UserError
+from himae_nnunet.core.optim import adamw
 from himae_nnunet.trainers.finetune import nnUNetTrainerHiEndMAE, nnUNetTrainerUNETR, param_groups, unwrap
 from himae_nnunet.trainers.paper_protocol import (CROPS_PER_VOLUME, DEFAULT_PAPER_EPOCHS, PAPER_PATCH,
                                                   PAPER_SCHEDULES, WARMUP_PAPER_EPOCHS, PaperCropLoader,
@@ -123,8 +124,7 @@ class PaperProtocol:
 
     def configure_optimizers(self):
         groups = param_groups(unwrap(self.network), self.weight_decay, layer_decay=1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=tuple(PAPER_OPTIONS["betas"]),
-                                      fused=self.device.type == "cuda")
+        optimizer = adamw(groups, self.device, lr=self.initial_lr, betas=tuple(PAPER_OPTIONS["betas"]))
         scheduler = PaperEpochLR(optimizer, self.initial_lr, self.paper_epochs, WARMUP_PAPER_EPOCHS,
                                  self.paper_epochs_per_epoch)
         self.print_to_log_file(f"AdamW lr {self.initial_lr}, weight decay {self.weight_decay} (not on biases, "

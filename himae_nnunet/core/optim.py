@@ -2,7 +2,8 @@
 
 What must not decay is declared by the models, as timm models do: a module's `no_weight_decay()` returns the
 names (relative to that module) of its tokens and position tables. Biases and norm parameters (every
-parameter with ndim <= 1) never decay either. The authors' code meant the same rule but AdamW ignored it."""
+parameter with ndim <= 1) never decay either. The authors' code meant the same rule but AdamW ignored it.
+Every AdamW of the package is built by `adamw`: torch's fused kernel on CPU as on CUDA."""
 import torch
 
 
@@ -34,3 +35,11 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float, group_fields
                                                     **fields) for decays in (True, False)})
         pair[name not in no_decay]["params"].append(p)
     return [g for pair in groups.values() for g in pair.values() if g["params"]]
+
+
+def adamw(groups: list[dict], device, **options) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (one pass over parameter, gradient and both moments per tensor). On CPU too:
+    the default for-loop update there took 0.43 s of a 1.5 s ViT-B pretraining step, the fused one 0.12 s
+    (docs/benchmarks.md)."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, fused=fused, **options)
