@@ -48,3 +48,10 @@ def nnunet_dirs(tmp_path, monkeypatch) -> dict:
         dirs[var] = d
     monkeypatch.setenv("nnUNet_compile", "f")
     return dirs
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory) -> dict:
+    """The real-CT nnU-Net chain of tests/nnunet_chain.py, built once for every test that uses it."""
+    from nnunet_chain import build_chain
+    return build_chain(need_shared(DATA), tmp_path_factory.mktemp("e2e"))

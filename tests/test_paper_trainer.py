@@ -15,7 +15,8 @@ from himae_nnunet.trainers.paper_protocol import (PAPER_SCHEDULES, TISSUE_THRESH
                                                   PaperDiceCELoss, PaperEpochLR, axial_axes,
                                                   paper_finetune_augmentation, paper_schedule)
 from himae_nnunet.vit_plans.planning import derive_vit_plans
-from test_e2e_nnunet import PLANS, chain, check_same_geometry, run  # noqa: F401 (chain is a fixture)
+from nnunet_chain import PLANS, run
+from test_e2e_nnunet import check_same_geometry
 from test_plan import base_plans, tiny_checkpoint
 
 SMOKE = "nnUNetTrainerHiEndMAE_paper_smoke"
@@ -109,7 +110,7 @@ def test_augmentation_rates_are_theirs():
         assert abs(count / n - p) < sd(p), (count / n, p)
 
 
-def test_sampler_four_crops_of_one_volume_half_foreground(chain):  # noqa: F811
+def test_sampler_four_crops_of_one_volume_half_foreground(chain):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans = json.loads((chain["pre"] / f"{PLANS}.json").read_text())
@@ -142,7 +143,7 @@ def test_sampler_four_crops_of_one_volume_half_foreground(chain):  # noqa: F811
     assert 0.36 < share < 0.64, share
 
 
-def test_paper_trainer_trains_and_predicts_patient_b(chain):  # noqa: F811
+def test_paper_trainer_trains_and_predicts_patient_b(chain):
     env, root = chain["env"], chain["root"]
     env_ext = env | {"nnUNet_extTrainer": run("himae-nnunet", "ext-trainer-path", env=env, stdout_only=True).strip()}
     run("nnUNetv2_train", 501, "3d_fullres", 0, "-tr", SMOKE, "-p", PLANS, "-device", "cpu", env=env_ext)

@@ -17,7 +17,7 @@ from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.models.presets import ConfigError, model_config
 from himae_nnunet.models.unetr import UNETR
 from himae_nnunet.scans.oneshot_dataset import CASE_B, write_ab_dataset
-from test_e2e_nnunet import run
+from nnunet_chain import run
 
 PLANS, TRAINER = "HiEndMAEPrimusPlans", "nnUNet_Primus_S_Trainer_HimaeBudget"
 

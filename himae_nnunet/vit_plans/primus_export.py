@@ -12,8 +12,8 @@ import torch
 
 from himae_nnunet.checkpoint.format import CheckpointError, atomic_torch_save, sha256
 from himae_nnunet.core.errors import UserError
-from himae_nnunet.models.vit import resize_pos_embed
-from himae_nnunet.vit_plans.weights import adapt_input_channels, format_report, network_channels
+from himae_nnunet.vit_plans.weights import (LearnedTable, format_report, network_channels, pretraining_grid,
+                                           transfer_encoder_keys)
 
 PRIMUS_TRAINERS = {"primus_s": "nnUNet_Primus_S_Trainer", "primus_b": "nnUNet_Primus_B_Trainer",
                    "primus_m": "nnUNet_Primus_M_Trainer", "primus_l": "nnUNet_Primus_L_Trainer"}
@@ -66,29 +66,13 @@ def check_same_primus(meta: dict, network, trainer: str, source) -> None:
 def primus_encoder_state(network, state_dict: dict, meta: dict, patch_size) -> tuple[dict, dict]:
     """(network keys -> pretrained tensors, report) from a Primus pretraining state dict; `patch_size` is the
     plans' (the trainer's token grid is patch_size / 8)."""
-    own, p = network.state_dict(), int(meta["model"]["patch_size"])
-    old_grid = tuple(int(c) // p for c in meta.get("crop_size", meta["model"]["crop_size"]))
-    new_grid = tuple(int(s) // p for s in patch_size)
-    report = dict(loaded=[], resized=[], adapted=[], skipped=[], random=[])
-    new = {}
-    for key, v in state_dict.items():
-        k = key[len("encoder."):] if key.startswith("encoder.") else None
-        if k is None or not k.startswith(ENCODER_PREFIXES) or k not in own:
-            report["skipped"].append(key)
-        elif k == "eva.pos_embed" and v.shape != own[k].shape:
-            new[k] = resize_pos_embed(v.float(), old_grid, new_grid)
-            report["resized"].append(f"{k} grid {old_grid} -> {new_grid} (learned table, trilinear)")
-        elif k == "down_projection.proj.weight" and v.shape[1] != own[k].shape[1]:
-            new[k] = adapt_input_channels(v.float(), own[k].shape[1])
-            report["adapted"].append(f"{k} input channels {v.shape[1]} -> {own[k].shape[1]}")
-        elif v.shape != own[k].shape:
-            raise CheckpointError(f"{key}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}; the checkpoint "
-                                  f"does not fit the trainer's network")
-        else:
-            new[k] = v
-            report["loaded"].append(k)
-    report["random"] = [k for k in own if k not in new]
-    return new, report
+    new_grid = tuple(int(s) // int(meta["model"]["patch_size"]) for s in patch_size)
+
+    def network_key(key: str) -> str | None:
+        k = key[len("encoder."):] if key.startswith("encoder.") else ""
+        return k if k.startswith(ENCODER_PREFIXES) else None
+    return transfer_encoder_keys(state_dict, network.state_dict(), network_key, "eva.pos_embed",
+                                 "down_projection.proj.weight", LearnedTable(pretraining_grid(meta), new_grid))
 
 
 def export_primus_network(plans: dict, dataset_json: dict, checkpoint, out, pretrained, trainer: str,

@@ -5,6 +5,8 @@ authors' released format. Only `encoder.*` is transferred. When the token grid d
 sin-cos table is rebuilt for the new grid (the same positions keep the same code, as in pretraining) and a learned
 table is resized trilinearly; the patch-embedding conv is adapted when the data have another channel
 count. The file's decoder, mask token and projections are listed as skipped; the UNETR decoder starts at random.
+`transfer_encoder_keys` is the one key walk, shared with the Primus export (vit_plans/primus_export.py), which
+differs only in its key names and position-table rule.
 """
 import json
 import re
@@ -60,37 +62,84 @@ def adapt_input_channels(w: torch.Tensor, channels: int) -> torch.Tensor:
     return (w.sum(1, keepdim=True) / channels).repeat(1, channels, 1, 1, 1)
 
 
-def load_encoder(network, state_dict: dict, meta: dict) -> dict:
-    """Copy the encoder of `state_dict` into `network` (a UNETR). Returns the report (lists of key notes)."""
-    own = network.state_dict()
-    p = int(meta["model"]["patch_size"])
-    old_grid = tuple(int(c) // p for c in meta.get("crop_size", meta["model"]["crop_size"]))
-    fixed_pos = getattr(network.encoder, "pos_embed_type", "sincos") == "sincos"
+def transfer_encoder_keys(state_dict: dict, own: dict, network_key, pos_key: str, conv_key: str, position_table,
+                          missing_note: str = "") -> tuple[dict, dict]:
+    """(network key -> tensor, report) for the encoder tensors of a pretraining `state_dict` that fit `own` (the
+    network's state dict). `network_key(file key)` names the network key (None: not an encoder tensor);
+    `position_table(tensor)` gives the position table for the network's grid and a note, or (None, note) to keep
+    the network's own; the input conv is adapted to the network's channels; any other shape mismatch is an error."""
     report = dict(loaded=[], resized=[], adapted=[], skipped=[], random=[])
     new = {}
-    for k, v in state_dict.items():
-        if not k.startswith("encoder."):
-            report["skipped"].append(k)
+    for key, v in state_dict.items():
+        k = network_key(key)
+        if k is None:
+            report["skipped"].append(key)
         elif k not in own:
-            report["skipped"].append(k + " (the network has none: cls token dropped)")
-        elif k == "encoder.pos_embed" and fixed_pos:
-            report["skipped"].append(k + f" (the network keeps its fixed sin-cos table for grid {network.grid})")
-        elif k == "encoder.pos_embed" and v.shape != own[k].shape and meta["model"].get("pos_embed") == "sincos":
-            new[k] = sincos_pos_embed_3d(v.shape[-1], network.grid)[None]  # same table, more/fewer positions
-            report["resized"].append(f"{k} grid {old_grid} -> {network.grid} (fixed sin-cos table rebuilt)")
-        elif k == "encoder.pos_embed" and v.shape != own[k].shape:
-            new[k] = resize_pos_embed(v.float(), old_grid, network.grid)
-            report["resized"].append(f"{k} grid {old_grid} -> {network.grid} (learned table, trilinear)")
-        elif k == "encoder.patch_embed.proj.weight" and v.shape[1] != own[k].shape[1]:
+            report["skipped"].append(key + missing_note)
+        elif k == pos_key and (v.shape != own[k].shape or position_table.network_fixed):
+            table, note = position_table(v)
+            if table is None:
+                report["skipped"].append(f"{key} ({note})")
+            else:
+                new[k] = table
+                report["resized"].append(f"{k} {note}")
+        elif k == conv_key and v.shape[1] != own[k].shape[1]:
             new[k] = adapt_input_channels(v.float(), own[k].shape[1])
             report["adapted"].append(f"{k} input channels {v.shape[1]} -> {own[k].shape[1]}")
         elif v.shape != own[k].shape:
-            raise CheckpointError(f"{k}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}; the checkpoint "
-                                  f"does not fit the planned network")
+            raise CheckpointError(f"{key}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}; the checkpoint "
+                                  f"does not fit the network")
         else:
             new[k] = v
             report["loaded"].append(k)
-    report["random"] = [k for k in own if k not in new and not (k == "encoder.pos_embed" and fixed_pos)]
+    fixed = {pos_key} if position_table.network_fixed else set()  # a fixed table is the network's own, not random
+    report["random"] = [k for k in own if k not in new and k not in fixed]
+    return new, report
+
+
+def pretraining_grid(meta: dict) -> tuple[int, int, int]:
+    p = int(meta["model"]["patch_size"])
+    return tuple(int(c) // p for c in meta.get("crop_size", meta["model"]["crop_size"]))
+
+
+class LearnedTable:
+    """A learned position table resized trilinearly from the pretraining grid (when the grids differ)."""
+    network_fixed = False  # True: the network keeps a fixed table of its own, whatever the file holds
+
+    def __init__(self, old_grid, new_grid):
+        self.old_grid, self.new_grid = tuple(old_grid), tuple(new_grid)
+
+    def __call__(self, table: torch.Tensor):
+        return (resize_pos_embed(table.float(), self.old_grid, self.new_grid),
+                f"grid {self.old_grid} -> {self.new_grid} (learned table, trilinear)")
+
+
+class UNETRTable(LearnedTable):
+    """The UNETR's table: a fixed sin-cos one stays the network's own; a file's sin-cos table is rebuilt for the
+    new grid (same positions, same code, as in pretraining); a learned one is resized."""
+
+    def __init__(self, old_grid, new_grid, network_fixed: bool, file_sincos: bool):
+        super().__init__(old_grid, new_grid)
+        self.network_fixed, self.file_sincos = network_fixed, file_sincos
+
+    def __call__(self, table: torch.Tensor):
+        if self.network_fixed:
+            return None, f"the network keeps its fixed sin-cos table for grid {self.new_grid}"
+        if self.file_sincos:
+            return (sincos_pos_embed_3d(table.shape[-1], self.new_grid)[None],
+                    f"grid {self.old_grid} -> {self.new_grid} (fixed sin-cos table rebuilt)")
+        return super().__call__(table)
+
+
+def load_encoder(network, state_dict: dict, meta: dict) -> dict:
+    """Copy the encoder of `state_dict` into `network` (a UNETR). Returns the report (lists of key notes)."""
+    own = network.state_dict()
+    table = UNETRTable(pretraining_grid(meta), network.grid,
+                       network_fixed=getattr(network.encoder, "pos_embed_type", "sincos") == "sincos",
+                       file_sincos=meta["model"].get("pos_embed") == "sincos")
+    new, report = transfer_encoder_keys(
+        state_dict, own, lambda k: k if k.startswith("encoder.") else None, "encoder.pos_embed",
+        "encoder.patch_embed.proj.weight", table, missing_note=" (the network has none: cls token dropped)")
     result = network.load_state_dict({k: t.to(own[k].dtype) for k, t in new.items()}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return report
