@@ -30,7 +30,7 @@ def peak_tflops(device: str) -> float | None:
 
 
 def make_step(preset: str, stages: int, batch: int, device: str, compile_: bool, crop: int):
-    """One pretraining step (forward, backward, fused AdamW on CUDA) of a fresh model on a fixed batch."""
+    """One pretraining step (forward, backward, fused AdamW) of a fresh model on a fixed batch."""
     torch.manual_seed(0)
     model = HiEndMAE(model_config(preset, stages=stages, crop_size=crop)).to(device)
     opt = adamw(adamw_param_groups(model, 0.05), device, lr=1e-4, betas=(0.9, 0.95))

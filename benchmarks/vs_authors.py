@@ -1,5 +1,6 @@
 """One pretraining step of our Hi-End-MAE and of the authors' (github.com/FengheTan9/Hi-End-MAE), same config,
-same batch, same machine, interleaved step by step in one run (the order alternating); prints `ours_over_authors_crops_per_s` per config.
+same batch, same machine, interleaved step by step in one run (the order alternating); prints
+`ours_over_authors_crops_per_s` per config.
 
 Their code is never stored in this repository: fetch it yourself and give its folder,
 
@@ -7,8 +8,8 @@ Their code is never stored in this repository: fetch it yourself and give its fo
     python benchmarks/vs_authors.py --authors-code /tmp/Hi-End-MAE --configs vit_b16_768 --batch 2 --device cpu
 
 Settings: theirs as their trainer runs (fp16 autocast + GradScaler on CUDA; fp32 on CPU; AdamW with their
-decay groups, foreach); ours as our loop runs (bf16 autocast and fused AdamW on CUDA, SDPA attention; fp32
-on CPU). CPU runs use one thread unless --threads. Both get the same random batch of 96^3 crops in [0, 1]
+decay groups, torch's default update); ours as our loop runs (bf16 autocast on CUDA, fp32 on CPU; SDPA
+attention; fused AdamW on both). CPU runs use one thread unless --threads. Both get the same random batch of 96^3 crops in [0, 1]
 and draw their own masks (mask ratio 0.75). Their code was written for timm 0.5.4; small import shims let it
 run on the timm installed here (its `Block` calls the dropout argument `drop`, later timm's `proj_drop`;
 MONAI, imported but unused for pretraining, is stubbed where absent), so both models use this environment's
