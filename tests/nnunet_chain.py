@@ -26,13 +26,19 @@ def digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def build_chain(data: Path, root: Path) -> dict:
-    """Dataset, baseline plans and data, ViT plans and data, the A -> B fold; env without nnUNet_extTrainer."""
+def tree_env(root: Path) -> dict:
+    """A fresh nnU-Net folder tree under `root` and the environment of the chain tests for it (no
+    nnUNet_extTrainer: the tests add it where they mean to)."""
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / var).mkdir()
         env[var] = str(root / var)
-    env.update(nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    return env | dict(nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+
+
+def build_chain(data: Path, root: Path) -> dict:
+    """Dataset, baseline plans and data, ViT plans and data, the A -> B fold; env without nnUNet_extTrainer."""
+    env = tree_env(root)
     raw = write_ab_dataset(data, root / "nnUNet_raw")
     ckpt, _ = tiny_checkpoint(root / "tiny.pt", crop=48)  # pretraining grid 3^3, fine-tuning grid 2^3
     run("nnUNetv2_plan_and_preprocess", "-d", 501, "-c", "3d_fullres", "-np", 1, "--verify_dataset_integrity", env=env)

@@ -3,8 +3,6 @@ whole route on real CT with stock nnU-Net: prepare-pretrain -> pretrain --model 
 plan (Primus plans) -> export-pretrained -> nnUNetv2_train with nnU-Net's Primus-S trainer (short-budget subclass)
 -> nnUNetv2_predict on patient B. Small: 3 mm, 32^3 crops and patches, 4 pretraining steps, 1 x 2 iterations."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,8 @@ from himae_nnunet.models.hiend_mae import HiEndMAE
 from himae_nnunet.models.presets import ConfigError, model_config
 from himae_nnunet.models.unetr import UNETR
 from himae_nnunet.scans.oneshot_dataset import CASE_B, write_ab_dataset
-from nnunet_chain import run
+from conftest import DATA, need_shared
+from nnunet_chain import run, tree_env
 
 PLANS, TRAINER = "HiEndMAEPrimusPlans", "nnUNet_Primus_S_Trainer_HimaeBudget"
 
@@ -93,14 +92,9 @@ def test_encoder_option_must_agree_with_the_preset():
 
 @pytest.fixture(scope="module")
 def primus_chain(tmp_path_factory):
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not data.exists():
-        pytest.skip(f"{data} is absent: the real scans live in ../shared beside the checkout")
+    data = need_shared(DATA)
     root = tmp_path_factory.mktemp("primus")
-    env = dict(os.environ, nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / var).mkdir()
-        env[var] = str(root / var)
+    env = tree_env(root)
     raw = write_ab_dataset(data, root / "nnUNet_raw")
     run("himae-nnunet", "prepare-pretrain", "-d", 501, "--spacing", 3, 3, 3, "--crop-size", 32, "-np", 1, env=env)
     args = ["himae-nnunet", "pretrain", "-d", 501, "--model", "primus_s", "--encoder", "primus", "--crop-size", 32,
